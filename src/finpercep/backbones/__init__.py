@@ -1,0 +1,1 @@
+"""Pretrained feature networks that install offline (weights shipped inside packages)."""
