@@ -25,7 +25,8 @@ FAST = ("bicubic", "halo", "blocking")
 
 def tiny(num: int, **kw) -> BuildConfig:
     kw.setdefault("families", FAST)
-    return BuildConfig(num=num, crop=64, masks_per_sr=2, **kw)
+    kw.setdefault("crop", 64)
+    return BuildConfig(num=num, masks_per_sr=2, **kw)
 
 
 def test_manifest_contract_and_dataset(photo_dir, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -158,7 +159,9 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
         p.add_argument("--num", type=int, required=True, help="number of samples in the data set")
         p.add_argument("--seed", type=int, default=0, help="root seed (default: %(default)s)")
-        p.add_argument("--workers", type=int, default=1, help="parallel processes (default: %(default)s)")
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="parallel processes, one thread each; the output does not depend on it "
+                            "(default: the number of cores, %(default)s)")
         p.add_argument("--families", default="all",
                        help="comma-separated SR families or groups (all, real, interpolation, procedural); "
                             "see `finpercep data families` (default: %(default)s)")

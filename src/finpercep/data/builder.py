@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import finpercep
+from finpercep.config import from_dict, to_dict
 from finpercep.data.degradations import DegradationConfig, degrade
 from finpercep.data.gt_maps import GTMapConfig, GTMapper
 from finpercep.data.masks import MASK_KINDS, make_mask
@@ -114,29 +115,11 @@ class BuildConfig:
         return -(-self.num // self.masks_per_sr)
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        return to_dict(self)
 
     @staticmethod
     def from_json(d: dict) -> "BuildConfig":
-        known = {f.name for f in fields(BuildConfig)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown build config keys: {sorted(unknown)}")
-        d = dict(d)
-        d["degradation"] = DegradationConfig(**_tuplify(d.get("degradation", {})))
-        d["gt_map"] = GTMapConfig(**_tuplify(d.get("gt_map", {})))
-        for k in ("families", "mask_kinds", "mask_area"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return BuildConfig(**d)
-
-
-def _tuplify(d: dict) -> dict:
-    return {k: tuple(_tuplify_v(x) for x in v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def _tuplify_v(x):
-    return tuple(x) if isinstance(x, list) else x
+        return from_dict(BuildConfig, d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +181,9 @@ def _load_photo(path: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+_UNIT_STREAM = 2**40
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
@@ -236,7 +222,8 @@ class UnitBuilder:
 
     def _make_unit(self, u: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         cfg = self.cfg
-        rng_crop, rng_deg, rng_sr = (_rng(cfg.seed, u, k) for k in (-1, -2, -3))
+        # Unit streams are tagged above any sample index, so they never collide with [seed, u, i].
+        rng_crop, rng_deg, rng_sr = (_rng(cfg.seed, u, _UNIT_STREAM + k) for k in range(3))
         photo = self.photos[int(rng_crop.integers(len(self.photos)))]
         img = _load_photo(photo.path)
         y = int(rng_crop.integers(photo.height - cfg.crop + 1))
@@ -303,7 +290,7 @@ class UnitBuilder:
             mask_params.append(p)
         mask = torch.stack(masks)[:, None]  # (K, 1, H, W) in {0, 1}
         syn = mask * sr[None] + (1 - mask) * hr[None]  # PAPER.md sec. 2: I_syn = B * I_SR + (1 - B) * I_GT
-        map_syn = self.mapper(hr[None].expand_as(syn), syn)  # (K, 1, H, W)
+        map_syn = self.mapper(hr[None], syn)  # (K, 1, H, W); HR encoded once
         up = unit_paths(u)
         records = []
         for k, i in enumerate(indices):
@@ -339,10 +326,10 @@ def _families(cfg: BuildConfig, extra: tuple[SRFamily, ...]) -> list[SRFamily]:
 _WORKER: UnitBuilder | None = None
 
 
-def _init_worker(cfg_json: dict, photos: list[Photo], out: str, device: str, threads: int) -> None:
+def _init_worker(cfg: BuildConfig, photos: list[Photo], out: str, device: str, threads: int) -> None:
     global _WORKER
     torch.set_num_threads(threads)
-    _WORKER = UnitBuilder(BuildConfig.from_json(cfg_json), photos, Path(out), device)
+    _WORKER = UnitBuilder(cfg, photos, Path(out), device)
 
 
 def _run_unit(u: int, indices: list[int]) -> list[dict]:
@@ -440,7 +427,8 @@ def build_dataset(
 ) -> BuildReport:
     """Build (or resume, or extend) a data set in ``out``. See the module docstring.
 
-    ``workers`` > 1 runs units in that many processes (one torch thread each). ``extra_families``
+    ``workers`` > 1 runs units in that many processes. Every unit computes with one torch thread,
+    so the bytes written do not depend on ``workers``. ``extra_families``
     adds user SR families (:func:`finpercep.data.sr_zoo.user_family`); they only work with
     ``workers == 1`` since a Python callable is not sent to other processes.
     """
@@ -494,17 +482,25 @@ def build_dataset(
                 bar.update(len(records))
 
         if workers == 1 or len(todo) <= 1:
-            builder = UnitBuilder(cfg, photos, out, device, extra_families) if todo else None
-            for u, idx in todo.items():
-                try:
-                    commit(builder.build(u, idx))
-                except Exception as e:  # noqa: BLE001 - report and carry on with other units
-                    log.error("unit %d failed: %s: %s", u, type(e).__name__, e)
-                    failed.append({"unit": u, "error": f"{type(e).__name__}: {e}"})
+            # Units always compute with one torch thread: float results can depend on the thread
+            # count, and a data set must not depend on --workers.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                builder = UnitBuilder(cfg, photos, out, device, extra_families) if todo else None
+                for u, idx in todo.items():
+                    try:
+                        commit(builder.build(u, idx))
+                    except Exception as e:  # noqa: BLE001 - report and carry on with other units
+                        log.error("unit %d failed: %s: %s", u, type(e).__name__, e,
+                                  exc_info=log.isEnabledFor(logging.INFO))
+                        failed.append({"unit": u, "error": f"{type(e).__name__}: {e}"})
+            finally:
+                torch.set_num_threads(threads)
         else:
             ctx = mp.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(cfg.to_json(), photos, str(out), device, 1)) as pool:
+                                     initargs=(cfg, photos, str(out), device, 1)) as pool:
                 pending = {pool.submit(_run_unit, u, idx): u for u, idx in todo.items()}
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -230,8 +230,11 @@ def _check_pair(ref: torch.Tensor, dist: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a (B, 3, H, W) RGB tensor in [0, 1], got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a float tensor in [0, 1], got {x.dtype} (divide uint8 by 255)")
-    if ref.shape != dist.shape:
-        raise ValueError(f"ref and dist must have the same shape, got {tuple(ref.shape)} and {tuple(dist.shape)}")
+    if ref.shape != dist.shape and not (ref.shape[0] == 1 and ref.shape[1:] == dist.shape[1:]):
+        raise ValueError(
+            f"ref and dist must have the same shape (or ref a batch of 1 shared by every dist), "
+            f"got {tuple(ref.shape)} and {tuple(dist.shape)}"
+        )
 
 
 class GTMapper:
@@ -276,7 +279,8 @@ class GTMapper:
         if squeeze and isinstance(dist, torch.Tensor):
             ref, dist = ref[None], dist[None]
         _check_pair(ref, dist)
-        lo, hi = torch.aminmax(torch.stack([ref.detach(), dist.detach()]).float())
+        lo, hi = (torch.stack(v) for v in zip(*(torch.aminmax(x.detach().float()) for x in (ref, dist))))
+        lo, hi = lo.min(), hi.max()
         if lo < -1e-4 or hi > 1 + 1e-4 or not torch.isfinite(lo + hi):
             raise ValueError(f"images must be in [0, 1] (got values in [{float(lo):.3g}, {float(hi):.3g}])")
         out_device = ref.device
@@ -291,14 +295,17 @@ class GTMapper:
         if cfg.pixel_only:
             return normalize(d_pix, cfg.pixel_only_tau, cfg.gamma)
         assert self.net is not None
-        B, _, H, W = ref.shape
-        feats = self.net.features(torch.cat([ref, dist]), last_stage=max(cfg.layers))
-        used = [feats[s] for s in cfg.layers]
-        d_feat = feature_distance(
-            [f[:B] for f in used],
-            [f[B:] for f in used],
-            (H, W),
-            strides=tuple(STAGES[s][0] for s in cfg.layers),
-            weights=cfg.layer_weights,
-        )
+        _, _, H, W = dist.shape
+        strides = tuple(STAGES[s][0] for s in cfg.layers)
+
+        def encode(x: torch.Tensor) -> list[torch.Tensor]:
+            # One image per forward pass: a map never depends on which other images shared the
+            # batch (CPU kernels may pick other algorithms for other batch sizes), so a resumed
+            # build writes the same bytes as an uninterrupted one.
+            per_image = [self.net.features(x[i : i + 1], last_stage=max(cfg.layers)) for i in range(len(x))]
+            return [torch.cat([f[s] for f in per_image]) for s in cfg.layers]
+
+        # A reference shared by the whole batch (ref batch of 1) is encoded once.
+        f_ref = [f.expand(len(dist), -1, -1, -1) for f in encode(ref)]
+        d_feat = feature_distance(f_ref, encode(dist), (H, W), strides=strides, weights=cfg.layer_weights)
         return normalize(cfg.alpha * d_pix + (1 - cfg.alpha) * d_feat, cfg.tau, cfg.gamma)
