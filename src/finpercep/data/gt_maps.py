@@ -17,40 +17,16 @@ both images), per-location cosine distance, and an upsampling whose footprint is
 cell. A map pixel farther than :attr:`GTMapper.reach_px` (Chebyshev distance, hence also
 Euclidean) from every pixel where the images differ is exactly 0.
 
-Calibration (the numbers behind the defaults of :class:`GTMapConfig`). Whole 256x256 crops of
-``skimage.data`` astronaut / chelsea / coffee, artifact applied everywhere (additive Gaussian
-noise of that sigma, clipped; PIL ``GaussianBlur`` of that radius; PIL JPEG at that quality),
-means over the crop (ranges over the three images):
-
-=====================  ============  ================  ================
-artifact               D_pixel       D_feat stage 1    D_feat stage 2
-=====================  ============  ================  ================
-Gaussian noise 0.01    0.008         0.034 - 0.047     0.025 - 0.053
-Gaussian noise 0.03    0.023         0.126 - 0.149     0.109 - 0.154
-Gaussian noise 0.10    0.069 - 0.079 0.293 - 0.421     0.273 - 0.376
-Gaussian blur 0.7      0.008 - 0.012 0.018 - 0.042     0.018 - 0.042
-Gaussian blur 3.0      0.034 - 0.047 0.195 - 0.450     0.224 - 0.452
-JPEG q90               0.010         0.044 - 0.054     0.036 - 0.052
-JPEG q10               0.032 - 0.035 0.220 - 0.416     0.261 - 0.422
-=====================  ============  ================  ================
-
-``D_feat`` is about 4-10 times ``D_pixel`` for the same artifact, so ``alpha = 0.8`` makes the
-two terms contribute about equally (``0.8 * D_pixel ~ 0.2 * D_feat``) instead of letting the
-feature term dominate as ``alpha = 0.5`` would. ``gamma = 2`` flattens ``Normalize`` near 0
-so faint differences stay near 0 while strong ones approach 1 (``gamma = 1`` gives the plain
-``1 - exp(-d / tau)``); ``tau = 0.06`` then gives, as the mean map inside a 96x96 square
-region swap on the same three crops:
-
-==========================================  =============  ==================
-artifact inside the square                  default map    pixel-only map
-==========================================  =============  ==================
-faint: noise 0.01 / blur 0.7 / JPEG q90     0.04 - 0.15    0.07 - 0.21
-medium: noise 0.03 / blur 1.5 / JPEG q50    0.27 - 0.68    0.28 - 0.46
-strong: noise 0.1 / blur 3 / JPEG q10       0.64 - 0.97    0.51 - 0.94
-==========================================  =============  ==================
-
-In the 16-pixel ring just outside the square the default map averages 0.03 - 0.11 for strong
-artifacts (the features' reach) and is exactly 0 beyond 40 px.
+Calibration (the numbers behind the defaults of :class:`GTMapConfig`):
+``python benchmarks/gt_map_calibration.py`` measures, on centre 256x256 crops of
+``skimage.data`` astronaut / chelsea / coffee, the raw distances for noise, blur and JPEG of three
+strengths and the resulting map inside and around a 96x96 region swap; its output is
+``docs/results/gt_map_calibration.md``. In short: ``D_feat`` is several times ``D_pixel`` for the
+same artifact, so ``alpha = 0.8`` makes the two terms contribute about equally (``0.8 * D_pixel ~
+0.2 * D_feat``) instead of letting the feature term dominate as ``alpha = 0.5`` would.
+``gamma = 2`` flattens ``Normalize`` near 0 so faint differences stay near 0 while strong ones
+approach 1; ``tau = 0.06`` puts faint artifacts (noise 0.01, blur 0.7, JPEG q90) below ~0.15,
+strong ones (noise 0.1, blur 3, JPEG q10) above ~0.6. The map is exactly 0 beyond ``reach_px``.
 """
 
 from __future__ import annotations
