@@ -21,7 +21,6 @@ demo: setup
 	$(FP) photos fetch --out $(DEMO)/photos
 	$(FP) data build --images $(DEMO)/photos/train --out $(DEMO)/fgr --num 64 --workers 2
 	$(FP) data show $(DEMO)/fgr --num 16 --to $(DEMO)/fgr/sheet.png
-	@echo "contact sheet: $(DEMO)/fgr/sheet.png"
 
 test: setup
 	$(PY) -m pytest -q

@@ -201,8 +201,9 @@ def test_debian_path_with_fake_packages(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` passes it (apt runs in another folder)
     with caplog.at_level(logging.WARNING, logger="finpercep.data.photos"):
-        records = fetch_photos(out, source="debian", progress=False)
+        records = fetch_photos(Path("out"), source="debian", progress=False)
     assert [r.name for r in records] == [s.name for s in table]
     for r, s in zip(records, table):
         assert r.source == "debian" and r.package == s.package and r.package_version == "1.0"

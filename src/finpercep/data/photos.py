@@ -279,7 +279,7 @@ def fetch_photos(out: str | Path, *, source: Source = "auto", progress: bool = T
     """
     if source not in ("auto", "debian", "wheels"):
         raise ValueError(f"source must be 'auto', 'debian' or 'wheels', got {source!r}")
-    out = Path(out)
+    out = Path(out).resolve()  # apt-get and dpkg-deb run in other working folders
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out must be a folder, but {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
