@@ -199,3 +199,17 @@ def test_user_model_as_sr_family(photo_dir, tmp_path):
     bad = user_family("broken", lambda lr: lr)  # forgets to upscale
     rep = build_dataset(photo_dir, tmp_path / "b", tiny(2, families=()), extra_families=(bad,), progress=False)
     assert not rep.complete and rep.failed_units and "expected" in rep.failed_units[0]["error"]
+
+
+def test_crops_prefer_texture(tmp_path):
+    """A photo that is flat except for one textured quarter: crops land on the texture."""
+    img = np.full((256, 256, 3), 128, np.uint8)
+    img[:128, :128] = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    (tmp_path / "p").mkdir()
+    Image.fromarray(img).save(tmp_path / "p" / "half.png")
+    rep = build_dataset(tmp_path / "p", tmp_path / "d", tiny(8, min_texture=0.05, crop_tries=16), progress=False)
+    assert rep.complete
+    recs = read_manifest(tmp_path / "d")
+    assert all(r["crop_texture"] >= 0.05 for r in recs)
+    flat = build_dataset(tmp_path / "p", tmp_path / "f", tiny(8, min_texture=0.0), progress=False)
+    assert flat.complete  # min_texture 0 takes the first crop, textured or not

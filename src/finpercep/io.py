@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Pillow refuses images above ~179 MP by default (decompression-bomb guard). Real photos can be
@@ -98,10 +101,13 @@ def load_image(path: str | Path) -> torch.Tensor:
     return to_tensor(arr)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -123,14 +129,14 @@ def save_png(path: str | Path, img: torch.Tensor | np.ndarray) -> None:
         raise ValueError(f"save_png expects uint8 (H,W) or (H,W,3), got {arr.shape} {arr.dtype}")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def save_npy(path: str | Path, arr: np.ndarray) -> None:
     """Write a numpy array as ``.npy`` atomically."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def load_npy(path: str | Path) -> np.ndarray:
@@ -140,7 +146,7 @@ def load_npy(path: str | Path) -> np.ndarray:
 
 def save_json(path: str | Path, obj: Any) -> None:
     """Write JSON (sorted keys, indented) atomically."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def safe_relpath(root: Path, rel: str) -> Path:
@@ -149,3 +155,6 @@ def safe_relpath(root: Path, rel: str) -> Path:
     if p.is_absolute() or ".." in p.parts:
         raise ValueError(f"manifest path must be relative and inside its folder, got {rel!r}")
     return root / p
+
+
+_atomic_write_bytes = atomic_write_bytes  # old private name, kept for modules not yet moved over
