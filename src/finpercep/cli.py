@@ -124,6 +124,43 @@ def cmd_data_families(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# reward model
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_rm_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from finpercep.reward.train import load_train_config, train_reward_model
+
+    if args.config is not None and not Path(args.config).is_file():
+        raise UserError(f"--config {args.config}: no such file")
+    cfg = load_train_config(args.config)
+    over = {}
+    if args.stages is not None:
+        over["stages"] = args.stages
+    if args.steps is not None:
+        over["steps_per_stage"] = (args.steps,)
+    if args.batch_size is not None:
+        over["batch_size"] = args.batch_size
+    if args.pixel_only:
+        over["gt_map"] = "pixel_only"
+    if args.exclude_families:
+        over["exclude_families"] = tuple(f.strip() for f in args.exclude_families.split(",") if f.strip())
+    if args.seed is not None:
+        over["seed"] = args.seed
+    cfg = replace(cfg, **over)
+    folders = train_reward_model(Path(args.data), Path(args.out), cfg, val_data=args.val_data, device=args.device,
+                                 progress=not args.quiet)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        for f in folders:
+            val = f / "val.json"
+            print(f"{f}: {val.read_text().strip() if val.exists() else ''}".replace("\n", " "))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
 
@@ -135,11 +172,13 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("data", "show"): (cmd_data_show, "render a contact sheet: HR | SR | syn | map overlay"),
     ("data", "check"): (cmd_data_check, "check a data set against the on-disk contract"),
     ("data", "families"): (cmd_data_families, "list the SR families of the zoo"),
+    ("rm", "train"): (cmd_rm_train, "train FinPercep-RM stage by stage: RM_0 (global) .. RM_N (fine maps)"),
 }
 
 GROUP_HELP = {
     "photos": "real photographs to crop HR images from",
     "data": "the FGR data engine (PAPER.md section 2)",
+    "rm": "the FinPercep-RM reward model (PAPER.md sections 1, 3, 4)",
 }
 
 
@@ -184,6 +223,18 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--num", type=int, default=8, help="rows (samples) on the sheet (default: %(default)s)")
         p.add_argument("--to", required=True, help="output PNG")
         p.add_argument("--seed", type=int, default=0, help="which samples to pick (default: %(default)s)")
+    elif key == ("rm", "train"):
+        p.add_argument("--data", required=True, help="FGR data set folder (finpercep data build)")
+        p.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
+        p.add_argument("--stages", type=int, default=None, help="last stage N (default: all decoder levels)")
+        p.add_argument("--config", default=None, help="YAML file filling RMTrainConfig (see configs/)")
+        p.add_argument("--steps", type=int, default=None, help="optimiser steps per stage (overrides the config)")
+        p.add_argument("--batch-size", type=int, default=None, help="triplets per step per process")
+        p.add_argument("--val-data", default=None, help="validation data set (default: last 10%% of units of --data)")
+        p.add_argument("--exclude-families", default="", help="SR families held out of training, comma-separated")
+        p.add_argument("--pixel-only", action="store_true", help="train on pixel-only maps (the paper's ablation)")
+        p.add_argument("--seed", type=int, default=None, help="seed (overrides the config)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     elif key == ("data", "check"):
         p.add_argument("dataset", help="data set folder (with manifest.jsonl)")
         p.add_argument("--limit", type=int, default=None, help="check only the first N samples")
@@ -218,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        sub = {"photos": "photos", "data": "data"}.get(args.group or "")
-        parser.parse_args(([sub] if sub else []) + ["--help"])
+        parser.parse_args(([args.group] if args.group else []) + ["--help"])
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

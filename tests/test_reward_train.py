@@ -1,0 +1,126 @@
+"""Staged training of FinPercep-RM: stages and growth, resume, DDP on 2 CPU processes, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from finpercep.data.builder import BuildConfig, build_dataset
+from finpercep.reward.model import RMConfig, load_pretrained
+from finpercep.reward.train import RMTrainConfig, latest_checkpoint, load_train_config, train_reward_model
+
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(photo_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rmdata") / "d"
+    cfg = BuildConfig(num=12, crop=64, masks_per_sr=2, families=("bicubic", "halo", "blocking"))
+    assert build_dataset(photo_dir, out, cfg, progress=False).complete
+    return out
+
+
+def tiny_cfg(**kw) -> RMTrainConfig:
+    base = dict(model=RMConfig(decoder_stage=0, decoder_channels=8, score_hidden=16), stages=2,
+                steps_per_stage=(3,), batch_size=2, log_every=1, ckpt_every=2, val_fraction=0.34, warmup_steps=1)
+    base.update(kw)
+    return RMTrainConfig(**base)
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_pretrained(folder).state_dict()
+
+
+def test_stages_grow_and_are_saved(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    folders = train_reward_model(tiny_data, run, tiny_cfg(), progress=False)
+    assert [f.name for f in folders] == ["stage_0", "stage_1", "stage_2"]
+    for k, f in enumerate(folders):
+        m = load_pretrained(f)
+        assert m.stage == k
+        out = m(torch.rand(1, 3, 40, 56))
+        assert (out.map is None) == (k == 0)
+        val = json.loads((f / "val.json").read_text())
+        assert 0 <= val["val/order_acc"] <= 1
+        if k > 0:
+            assert 0 <= val["val/map_auroc"] <= 1 and "val/map_mae" in val
+    # the grown stage starts from the previous one: the encoder moved on from stage 0's weights
+    s0, s1 = state(folders[0]), state(folders[1])
+    shared = [k for k in s0 if k.startswith("backbone.") and s0[k].is_floating_point() and s0[k].numel() > 100]
+    assert any(not torch.equal(s0[k], s1[k]) for k in shared)
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {l["stage"] for l in lines} == {0, 1, 2}
+    assert all("loss/map" in l for l in lines if l["stage"] > 0 and "loss/total" in l)
+    assert all("loss/align" in l for l in lines if l["stage"] > 0 and "loss/total" in l)
+    assert (run / "loss.png").stat().st_size > 1000
+    # a finished run is not trained again
+    again = train_reward_model(tiny_data, run, tiny_cfg(), progress=False)
+    assert again == folders
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+    cfg = tiny_cfg(stages=1)
+    full = train_reward_model(tiny_data, tmp_path / "full", cfg, progress=False)
+    # stop after 4 steps (stage 0 done, one step into stage 1), then resume
+    train_reward_model(tiny_data, tmp_path / "cut", cfg, progress=False, stop_after_steps=4)
+    ck = latest_checkpoint(tmp_path / "cut")
+    assert ck is not None and ck[1]["stage"] == 1 and ck[1]["step"] == 1
+    resumed = train_reward_model(tiny_data, tmp_path / "cut", cfg, progress=False)
+    for a, b in zip(full, resumed):
+        sa, sb = state(a), state(b)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path):
+    train_reward_model(tiny_data, tmp_path / "r", tiny_cfg(stages=0, steps_per_stage=(1,)), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        train_reward_model(tiny_data, tmp_path / "r", tiny_cfg(stages=0, steps_per_stage=(1,), lr=0.5),
+                           progress=False)
+
+
+def test_pixel_only_variant_and_held_out_family(tiny_data, tmp_path):
+    cfg = tiny_cfg(stages=1, steps_per_stage=(1,), gt_map="pixel_only", exclude_families=("halo",))
+    folders = train_reward_model(tiny_data, tmp_path / "p", cfg, progress=False)
+    assert len(folders) == 2
+
+
+def test_yaml_config_and_unknown_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("batch_size: 3\nmodel:\n  decoder_channels: 16\nloss:\n  m1: 0.5\n")
+    cfg = load_train_config(tmp_path / "c.yaml", stages=1)
+    assert cfg.batch_size == 3 and cfg.model.decoder_channels == 16 and cfg.loss.m1 == 0.5 and cfg.stages == 1
+    (tmp_path / "bad.yaml").write_text("batch_sise: 3\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        load_train_config(tmp_path / "bad.yaml")
+
+
+def _torchrun(tiny_data: Path, out: Path, nproc: int, batch: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cfg = out.parent / f"{out.name}.yaml"
+    cfg.write_text("model:\n  decoder_channels: 8\n  score_hidden: 16\nlog_every: 1\nwarmup_steps: 1\n"
+                   "val_fraction: 0.34\n")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "finpercep.cli", "-q", "rm", "train", "--data", str(tiny_data), "--out", str(out),
+            "--config", str(cfg), "--stages", "1", "--steps", "2", "--batch-size", str(batch)]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
+    """2 processes x batch 2 (gloo) see the same global batch as 1 process x batch 4, and DDP
+    averages their gradients: the trained weights agree."""
+    r2 = _torchrun(tiny_data, tmp_path / "ddp", 2, 2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = _torchrun(tiny_data, tmp_path / "one", 1, 4)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    for k in (0, 1):
+        a, b = state(tmp_path / "ddp" / f"stage_{k}"), state(tmp_path / "one" / f"stage_{k}")
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
