@@ -33,7 +33,7 @@ def test_top_level_help_lists_every_group(capsys):
 @pytest.mark.parametrize("key", list(COMMANDS))
 def test_each_subcommand_has_its_own_help(key, capsys):
     with pytest.raises(SystemExit) as e:
-        main([*key, "--help"])
+        main([*(k for k in key if k), "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert COMMANDS[key][1].split(":")[0] in out

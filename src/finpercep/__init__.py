@@ -4,3 +4,12 @@
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `finpercep.load_reward` without importing torch models at `import finpercep`.
+    if name == "load_reward":
+        from finpercep.reward.api import load_reward
+
+        return load_reward
+    raise AttributeError(f"module 'finpercep' has no attribute {name!r}")

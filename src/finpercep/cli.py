@@ -160,6 +160,15 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from finpercep.reward.api import load_reward
+    from finpercep.reward.score import run_score
+
+    model = load_reward(args.checkpoint, args.stage, args.device)
+    return run_score(args.paths, model, json_out=args.json, maps_dir=Path(args.maps) if args.maps else None,
+                     overlay_dir=Path(args.overlay) if args.overlay else None, progress=not args.quiet)
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +181,7 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("data", "show"): (cmd_data_show, "render a contact sheet: HR | SR | syn | map overlay"),
     ("data", "check"): (cmd_data_check, "check a data set against the on-disk contract"),
     ("data", "families"): (cmd_data_families, "list the SR families of the zoo"),
+    ("score", ""): (cmd_score, "score images with FinPercep-RM: a global score and a degradation map"),
     ("rm", "train"): (cmd_rm_train, "train FinPercep-RM stage by stage: RM_0 (global) .. RM_N (fine maps)"),
 }
 
@@ -223,6 +233,15 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--num", type=int, default=8, help="rows (samples) on the sheet (default: %(default)s)")
         p.add_argument("--to", required=True, help="output PNG")
         p.add_argument("--seed", type=int, default=0, help="which samples to pick (default: %(default)s)")
+    elif key == ("score", ""):
+        p.add_argument("paths", nargs="+", help="images or folders of images")
+        p.add_argument("--json", action="store_true", help="one JSON object per image per line on stdout")
+        p.add_argument("--maps", default=None, help="write each map as DIR/<stem>.npy (float32, H x W, in [0, 1])")
+        p.add_argument("--overlay", default=None, help="write a heatmap over each image as DIR/<stem>.png")
+        p.add_argument("--checkpoint", default=None,
+                       help="checkpoint folder or training run (default: the model shipped in the package)")
+        p.add_argument("--stage", type=int, default=None, help="stage k of a run (default: the last)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")
     elif key == ("rm", "train"):
         p.add_argument("--data", required=True, help="FGR data set folder (finpercep data build)")
         p.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
@@ -246,19 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="finpercep",
         description="FinPercep-RM: a fine-grained perceptual reward model for real-world super-resolution. "
-                    "Build the FGR data set of real SR artifacts with pixel-exact degradation maps.",
+                    "Score SR images (how good, and where they are bad), build the FGR data set of real SR "
+                    "artifacts with degradation maps, and train the reward model stage by stage.",
         epilog="example: finpercep photos fetch --out runs/photos && "
                "finpercep data build --images runs/photos/train --out runs/fgr --num 200 --workers 2",
     )
     parser.add_argument("--version", action="version", version=f"finpercep {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    groups = parser.add_subparsers(dest="group", metavar="{" + ",".join(GROUP_HELP) + "}", parser_class=_Parser)
+    top = [k[0] for k in COMMANDS if not k[1]]
+    groups = parser.add_subparsers(dest="group", metavar="{" + ",".join(top + list(GROUP_HELP)) + "}",
+                                   parser_class=_Parser)
     subs: dict[str, argparse._SubParsersAction] = {}
     for name, text in GROUP_HELP.items():
         g = groups.add_parser(name, help=text, description=text)
         subs[name] = g.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for key, (fn, text) in COMMANDS.items():
+        if not key[1]:  # a top-level command (no group)
+            p = groups.add_parser(key[0], help=text, description=text)
+            _add_options(key, p)
+            p.set_defaults(func=fn)
+            continue
         p = subs[key[0]].add_parser(key[1], help=text, description=text)
         _add_options(key, p)
         p.set_defaults(func=fn)

@@ -285,7 +285,9 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _init_distributed(device: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Join the process group when launched by ``torchrun`` (it sets ``WORLD_SIZE``), even with one
+    process, so a 1-GPU torchrun goes through the same DDP path as many."""
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
@@ -353,7 +355,9 @@ def train_reward_model(
 
     _init_distributed(device)
     rank, world = _dist_info()
-    dev = torch.device(device if not device.startswith("cuda") or world == 1 else f"cuda:{rank % torch.cuda.device_count()}")
+    if device.startswith("cuda") and dist.is_initialized():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    dev = torch.device(device)
     data, run = Path(data), Path(run)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -393,7 +397,7 @@ def train_reward_model(
             if rank == 0:
                 _truncate_metrics(run, k, start)
                 log.info("resuming stage %d at step %d from %s", k, start, folder)
-        net = DDP(model, find_unused_parameters=True) if world > 1 else model
+        net = DDP(model, find_unused_parameters=True) if dist.is_initialized() else model
         n_steps = cfg.steps(k)
         bar = None
         if progress and rank == 0:
@@ -430,6 +434,12 @@ def train_reward_model(
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.3f}")
+            if world > 1:  # log the global batch, not rank 0's slice of it
+                vals = torch.tensor([float(gn)] + [logs[key] for key in sorted(logs)], dtype=torch.float64)
+                dist.all_reduce(vals)
+                vals /= world
+                gn = vals[0]
+                logs = dict(zip(sorted(logs), vals[1:].tolist()))
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == n_steps):
                 now = time.perf_counter()
                 _append_metrics(run, {"stage": k, "step": step + 1, **logs, "grad_norm": float(gn),
