@@ -1,0 +1,146 @@
+"""Training losses of FinPercep-RM (Liu et al., arXiv 2512.22647; PAPER.md section 3):
+
+    L_map   = | M(I_syn) - M_gt |_1
+    L_rank  = max(0, m1 - (S(I_syn) - S(I_SR))) + max(0, m2 - (S(I_GT) - S(I_syn)))
+    L_align = | S(I_GT) - S_base(I_GT) |
+    L       = l_map * L_map + l_rank * L_rank + l_align * L_align
+
+Pure functions of tensors; every term is a mean over the batch (and over pixels for ``L_map``)
+and is computed in float32 whatever the autocast dtype of its inputs. Margins and weights are not
+given in the paper; :class:`RMLossConfig` documents ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from finpercep.reward.model import RewardOutput
+
+
+def _check_scores(who: str, **scores: torch.Tensor) -> None:
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in scores.items()}
+    first = next(iter(scores.values()))
+    if not all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in scores.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"{who}: expected score tensors of equal shape (B,), got {shapes}")
+    if first.numel() == 0:
+        raise ValueError(f"{who}: empty batch")
+
+
+def map_loss(pred_map: torch.Tensor, gt_map: torch.Tensor) -> torch.Tensor:
+    """``L_map = |M(I_syn) - M_gt|_1`` (PAPER.md section 3), the mean absolute difference.
+
+    ``pred_map`` and ``gt_map``: ``(B, 1, H, W)`` in [0, 1] (a ``(B, H, W)`` ground truth is
+    accepted and given its channel axis). Returns a float32 scalar in [0, 1].
+    """
+    if not isinstance(pred_map, torch.Tensor) or not isinstance(gt_map, torch.Tensor):
+        raise ValueError("map_loss: expected two tensors")
+    if gt_map.ndim == 3:
+        gt_map = gt_map.unsqueeze(1)
+    if pred_map.ndim != 4 or pred_map.shape[1] != 1 or pred_map.shape != gt_map.shape:
+        raise ValueError(
+            "map_loss: expected pred and gt maps of equal shape (B, 1, H, W), "
+            f"got {tuple(pred_map.shape)} and {tuple(gt_map.shape)}"
+        )
+    return (pred_map.float() - gt_map.float()).abs().mean()
+
+
+def rank_loss(s_gt: torch.Tensor, s_syn: torch.Tensor, s_sr: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
+    """Triplet hinge ``L_rank = max(0, m1 - (S_syn - S_SR)) + max(0, m2 - (S_GT - S_syn))``
+    (PAPER.md section 3): zero once ``S_SR + m1 <= S_syn <= S_GT - m2``.
+
+    Scores ``(B,)`` each (higher = better); returns the batch mean, a float32 scalar >= 0.
+    """
+    _check_scores("rank_loss", s_gt=s_gt, s_syn=s_syn, s_sr=s_sr)
+    s_gt, s_syn, s_sr = s_gt.float(), s_syn.float(), s_sr.float()
+    lower = torch.relu(m1 - (s_syn - s_sr))
+    upper = torch.relu(m2 - (s_gt - s_syn))
+    return (lower + upper).mean()
+
+
+def align_loss(s_gt: torch.Tensor, s_base_gt: torch.Tensor) -> torch.Tensor:
+    """``L_align = |S(I_GT) - S_base(I_GT)|`` (PAPER.md section 3), the batch mean.
+
+    ``s_base_gt`` ``(B,)`` is the frozen stage-0 model's score of the same clean images; it is
+    detached here (a target, never trained through). Ties every stage to RM_0's score scale.
+    """
+    _check_scores("align_loss", s_gt=s_gt, s_base_gt=s_base_gt)
+    return (s_gt.float() - s_base_gt.detach().float()).abs().mean()
+
+
+@dataclass(frozen=True)
+class RMLossConfig:
+    """Weights and margins of ``L = l_map L_map + l_rank L_rank + l_align L_align`` (ours; the paper
+    gives none)."""
+
+    l_map: float = 1.0
+    """Weight of the map L1. ``L_map`` is a mean over pixels in [0, 1] (typically 0.05-0.2 on
+    sparse maps), as large as a partly violated hinge; 1.0 gives the two comparable pull."""
+
+    l_rank: float = 1.0
+    """Weight of the ranking hinge; 1.0 with margins of 1.0 fixes the score unit."""
+
+    l_align: float = 0.5
+    """Weight of the anchor of clean-image scores to RM_0. Below ``l_rank`` so it keeps the scale
+    without stopping a stage from separating GT from syn more sharply than RM_0 did."""
+
+    m1: float = 1.0
+    """Margin of ``S_syn - S_SR``. The scale of the score is free (the MLP's last layer can
+    rescale it), so the margin defines the unit: 1.0 = "one margin"."""
+
+    m2: float = 1.0
+    """Margin of ``S_GT - S_syn``. Equal to ``m1``: a local swap must cost as much score as the
+    step from a local swap to a fully SR image, which is the fine-grained sensitivity we want
+    (PAPER.md section 1: global IQA barely notices local defects)."""
+
+    def __post_init__(self) -> None:
+        for name in ("l_map", "l_rank", "l_align", "m1", "m2"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"RMLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def total_loss(
+    out_gt: RewardOutput,
+    out_syn: RewardOutput,
+    out_sr: RewardOutput,
+    gt_map_syn: torch.Tensor | None,
+    base_score_gt: torch.Tensor | None,
+    cfg: RMLossConfig = RMLossConfig(),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L = l_map L_map + l_rank L_rank + l_align L_align`` (PAPER.md section 3) for a batch of
+    triplets ``(I_GT, I_syn, I_SR)``.
+
+    The map term is used when ``out_syn.map`` is not None (stages >= 1; at stage 0 it is left out,
+    and ``gt_map_syn`` may be None); the align term when ``base_score_gt`` (RM_0's scores of the
+    GT images, ``(B,)``) is given (it is None when training RM_0 itself). Returns the scalar loss
+    and logging numbers: ``loss/total`` and ``loss/<term>`` for each active term (unweighted),
+    ``rank/ordered`` (fraction of triplets with ``S_SR < S_syn < S_GT``) and ``score/{gt,syn,sr}``
+    (batch means).
+    """
+    s_gt, s_syn, s_sr = out_gt.score, out_syn.score, out_sr.score
+    l_rank = rank_loss(s_gt, s_syn, s_sr, cfg.m1, cfg.m2)
+    loss = cfg.l_rank * l_rank
+    logs = {"loss/rank": float(l_rank.detach())}
+    if out_syn.map is not None:
+        if gt_map_syn is None:
+            raise ValueError("total_loss: the model has a map (stage >= 1) but gt_map_syn is None")
+        l_map = map_loss(out_syn.map, gt_map_syn)
+        loss = loss + cfg.l_map * l_map
+        logs["loss/map"] = float(l_map.detach())
+    if base_score_gt is not None:
+        l_align = align_loss(s_gt, base_score_gt)
+        loss = loss + cfg.l_align * l_align
+        logs["loss/align"] = float(l_align.detach())
+    with torch.no_grad():
+        ordered = ((s_sr < s_syn) & (s_syn < s_gt)).float().mean()
+    logs.update(
+        {
+            "loss/total": float(loss.detach()),
+            "rank/ordered": float(ordered),
+            "score/gt": float(s_gt.detach().float().mean()),
+            "score/syn": float(s_syn.detach().float().mean()),
+            "score/sr": float(s_sr.detach().float().mean()),
+        }
+    )
+    return loss, logs
