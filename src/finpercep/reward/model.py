@@ -631,7 +631,7 @@ def save_pretrained(model: FinPercepRM, folder: str | Path) -> Path:
     inconsistent by an interrupted overwrite is detected at load time. Returns ``folder``."""
     from safetensors.torch import save
 
-    from finpercep.io import _atomic_write_bytes, save_json
+    from finpercep.io import atomic_write_bytes, save_json
 
     if not isinstance(model, FinPercepRM):
         raise ValueError(f"save_pretrained expects a FinPercepRM, got {type(model).__name__}")
@@ -639,7 +639,7 @@ def save_pretrained(model: FinPercepRM, folder: str | Path) -> Path:
     meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": to_dict(model.cfg)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     blob = save(tensors, metadata={"finpercep_config": json.dumps(meta, sort_keys=True)})
-    _atomic_write_bytes(folder / WEIGHTS_NAME, blob)
+    atomic_write_bytes(folder / WEIGHTS_NAME, blob)
     save_json(folder / CONFIG_NAME, meta)
     return folder
 
