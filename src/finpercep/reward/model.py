@@ -359,6 +359,9 @@ class FinPercepRM(nn.Module):
         self.cfg = cfg
         spec = BACKBONES[cfg.backbone]
         self.backbone = spec.build(cfg.backbone_weights, load_backbone_weights)
+        if hasattr(self.backbone, "stage_ends"):
+            # Stages deeper than f_N are never run: drop them from the module and every checkpoint.
+            self.backbone._blocks = self.backbone._blocks[: self.backbone.stage_ends[cfg.levels[-1]]]
         c_n = spec.stages[cfg.levels[-1]][1]
         self.decoder: FPNDecoder | None = None
         if cfg.decoder_stage > 0:
@@ -625,7 +628,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_pretrained(model: FinPercepRM, folder: str | Path) -> Path:
+def save_pretrained(model: FinPercepRM, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``folder/model.safetensors`` then ``folder/config.json``, each atomically (temporary
     name + rename). The config is also stored in the safetensors metadata, so a pair left
     inconsistent by an interrupted overwrite is detected at load time. Returns ``folder``."""
@@ -637,7 +640,10 @@ def save_pretrained(model: FinPercepRM, folder: str | Path) -> Path:
         raise ValueError(f"save_pretrained expects a FinPercepRM, got {type(model).__name__}")
     folder = Path(folder)
     meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": to_dict(model.cfg)}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # ``dtype`` (e.g. float16 for a checkpoint shipped in the package) casts the floating tensors;
+    # loading casts them back to the model's dtype.
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().to("cpu").contiguous()
+               for k, v in model.state_dict().items()}
     blob = save(tensors, metadata={"finpercep_config": json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(folder / WEIGHTS_NAME, blob)
     save_json(folder / CONFIG_NAME, meta)
