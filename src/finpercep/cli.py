@@ -169,6 +169,17 @@ def cmd_score(args: argparse.Namespace) -> int:
                      overlay_dir=Path(args.overlay) if args.overlay else None, progress=not args.quiet)
 
 
+def cmd_rm_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from finpercep.reward.api import export_run
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    for f in export_run(Path(args.run), Path(args.to), dtype=dtype):
+        print(f)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +192,7 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("data", "show"): (cmd_data_show, "render a contact sheet: HR | SR | syn | map overlay"),
     ("data", "check"): (cmd_data_check, "check a data set against the on-disk contract"),
     ("data", "families"): (cmd_data_families, "list the SR families of the zoo"),
+    ("rm", "export"): (cmd_rm_export, "copy a run's stages into a compact checkpoint folder (e.g. fp16)"),
     ("score", ""): (cmd_score, "score images with FinPercep-RM: a global score and a degradation map"),
     ("rm", "train"): (cmd_rm_train, "train FinPercep-RM stage by stage: RM_0 (global) .. RM_N (fine maps)"),
 }
@@ -233,6 +245,11 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--num", type=int, default=8, help="rows (samples) on the sheet (default: %(default)s)")
         p.add_argument("--to", required=True, help="output PNG")
         p.add_argument("--seed", type=int, default=0, help="which samples to pick (default: %(default)s)")
+    elif key == ("rm", "export"):
+        p.add_argument("run", help="training run folder with stage_k/ folders")
+        p.add_argument("--to", required=True, help="output folder (stage_k/ inside)")
+        p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                       help="weight precision on disk (default: %(default)s)")
     elif key == ("score", ""):
         p.add_argument("paths", nargs="+", help="images or folders of images")
         p.add_argument("--json", action="store_true", help="one JSON object per image per line on stdout")

@@ -171,6 +171,28 @@ class ImageScore:
     map: torch.Tensor | None
 
 
+def export_run(run_dir: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> list[Path]:
+    """Copy every finished stage of a training run to ``out/stage_k/`` (weights cast to ``dtype``,
+    float16 by default: half the size, scores within ~1e-3), with each stage's ``val.json``.
+    This is how the embedded checkpoint in ``finpercep/reward/weights`` is made."""
+    import shutil
+
+    from finpercep.reward.model import load_pretrained, save_pretrained
+
+    stages = list_stages(run_dir)
+    if not stages:
+        raise FileNotFoundError(f"{run_dir} has no finished stage_k/ folder to export")
+    out = Path(out)
+    written = []
+    for k, folder in sorted(stages.items()):
+        dst = out / f"stage_{k}"
+        save_pretrained(load_pretrained(folder), dst, dtype=dtype)
+        if (folder / "val.json").exists():
+            shutil.copyfile(folder / "val.json", dst / "val.json")
+        written.append(dst)
+    return written
+
+
 def score_images(
     model: FinPercepRM, images: list[torch.Tensor], tile: int = 512, context: int | None = None
 ) -> list[ImageScore]:

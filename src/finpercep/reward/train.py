@@ -397,7 +397,7 @@ def train_reward_model(
             if rank == 0:
                 _truncate_metrics(run, k, start)
                 log.info("resuming stage %d at step %d from %s", k, start, folder)
-        net = DDP(model, find_unused_parameters=True) if dist.is_initialized() else model
+        net = DDP(model) if dist.is_initialized() else model
         n_steps = cfg.steps(k)
         bar = None
         if progress and rank == 0:
@@ -454,6 +454,8 @@ def train_reward_model(
                     save_checkpoint(run, model, opt, k, step + 1)
                 if bar:
                     bar.close()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
                 return folders
         if bar:
             bar.close()
@@ -469,6 +471,8 @@ def train_reward_model(
         if k == 0:
             base = load_pretrained(stage_dir(run, 0), map_location=dev).requires_grad_(False)
         folders.append(stage_dir(run, k))
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return folders
 
 

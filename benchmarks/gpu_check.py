@@ -1,0 +1,120 @@
+"""The GPU path, checked in one run: maps and reward model on CUDA, bf16/fp16 autocast, throughput.
+
+    python benchmarks/gpu_check.py --out docs/results/gpu_check.md
+
+1. Ground-truth maps on CUDA vs CPU (same inputs): max abs difference, and pairs/s on each.
+2. FinPercep-RM (final stage) forward at 512x512: score and map under fp32 / bf16 / fp16 autocast vs
+   fp32, and images/s on CUDA vs the CPU of the same machine (batch 8).
+3. One training step on CUDA with bf16 autocast (loss finite, gradients finite).
+The data build and the torchrun (DDP, NCCL, 1 GPU) training run are driven by the shell command
+that calls this script (see docs/results/gpu_check.md for the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from finpercep.data.gt_maps import GTMapper
+from finpercep.reward.losses import RMLossConfig, total_loss
+from finpercep.reward.model import FinPercepRM, RMConfig, RewardOutput
+
+
+def timed(fn, reps: int, sync: bool) -> float:
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs/results/gpu_check.md")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "no CUDA device"
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    res: dict = {"device": name, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                 "cpu": platform.processor() or platform.machine()}
+    g = torch.Generator().manual_seed(0)
+
+    # 1. maps
+    ref = torch.rand(8, 3, 256, 256, generator=g)
+    dist = (ref + 0.1 * torch.randn(8, 3, 256, 256, generator=g)).clamp(0, 1)
+    cpu_m, gpu_m = GTMapper(device="cpu"), GTMapper(device="cuda")
+    m_cpu = cpu_m(ref, dist)
+    m_gpu = gpu_m(ref.to(dev), dist.to(dev)).cpu()
+    res["maps_max_abs_diff_cuda_vs_cpu"] = float((m_cpu - m_gpu).abs().max())
+    res["maps_pairs_per_s_cpu"] = 8 / timed(lambda: cpu_m(ref, dist), 2, False)
+    rd, dd = ref.to(dev), dist.to(dev)
+    res["maps_pairs_per_s_cuda"] = 8 / timed(lambda: gpu_m(rd, dd), 10, True)
+
+    # 2. reward model forward, precisions and throughput
+    torch.manual_seed(0)
+    model = FinPercepRM(RMConfig()).eval()
+    x = torch.rand(8, 3, 512, 512, generator=g)
+    with torch.no_grad():
+        ref_out = model(x)
+        gm = model.to(dev)
+        xd = x.to(dev)
+        out32 = gm(xd)
+        res["rm_fp32_cuda_vs_cpu_score_max_abs"] = float((out32.score.cpu() - ref_out.score).abs().max())
+        res["rm_fp32_cuda_vs_cpu_map_max_abs"] = float((out32.map.cpu() - ref_out.map).abs().max())
+        for tag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            with torch.autocast("cuda", dtype=dt):
+                o = gm(xd)
+            res[f"rm_{tag}_score_max_abs_vs_fp32"] = float((o.score.float() - out32.score).abs().max())
+            res[f"rm_{tag}_map_max_abs_vs_fp32"] = float((o.map.float() - out32.map).abs().max())
+            res[f"rm_{tag}_finite"] = bool(torch.isfinite(o.score).all() and torch.isfinite(o.map).all())
+
+            def run_amp(dt=dt):
+                with torch.autocast("cuda", dtype=dt):
+                    gm(xd)
+
+            res[f"rm_{tag}_img_per_s_cuda_512"] = 8 / timed(run_amp, 10, True)
+        res["rm_fp32_img_per_s_cuda_512"] = 8 / timed(lambda: gm(xd), 10, True)
+        cpu_model = FinPercepRM(RMConfig()).eval()
+        res["rm_fp32_img_per_s_cpu_512"] = 8 / timed(lambda: cpu_model(x), 1, False)
+
+    # 3. a bf16 training step on CUDA
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    hr = torch.rand(4, 3, 256, 256, device=dev)
+    syn, sr = (hr + 0.05).clamp(0, 1), (hr + 0.1).clamp(0, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o = model(torch.cat([hr, syn, sr]))
+        outs = [RewardOutput(o.score[i * 4:(i + 1) * 4], o.map[i * 4:(i + 1) * 4], o.map_logits[i * 4:(i + 1) * 4])
+                for i in range(3)]
+        loss, logs = total_loss(*outs, torch.rand(4, 1, 256, 256, device=dev), o.score[:4].detach().float(),
+                                RMLossConfig())
+    loss.backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    res["train_step_bf16_loss"] = float(loss.detach())
+    res["train_step_bf16_grads_finite"] = bool(grads_finite)
+    res["cuda_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+    print(json.dumps(res, indent=2))
+    lines = ["# GPU check", "", f"Device: **{name}**, torch {torch.__version__}; CPU baseline on the same machine "
+             f"({res['cpu_threads']} threads). Produced by `python benchmarks/gpu_check.py`.", "",
+             "| check | value |", "|---|---:|"]
+    for k, v in res.items():
+        if k in ("device", "torch"):
+            continue
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
