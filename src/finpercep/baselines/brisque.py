@@ -38,6 +38,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from finpercep.checks import check_image_batch
 from scipy import optimize, signal
 from scipy.special import gamma
 from skimage.color import rgb2gray
@@ -190,21 +192,7 @@ def brisque_grey(grey: np.ndarray, model: BrisqueModel | None = None) -> float:
 
 
 def _check_images(img: torch.Tensor) -> None:
-    if not isinstance(img, torch.Tensor):
-        raise TypeError(f"brisque expects a torch.Tensor (B, 3, H, W), got {type(img).__name__}")
-    if img.ndim != 4 or img.shape[1] != 3:
-        raise ValueError(f"brisque expects an image batch (B, 3, H, W) RGB, got shape {tuple(img.shape)}")
-    if not img.is_floating_point():
-        raise ValueError(f"brisque expects float values in [0, 1], got dtype {img.dtype}")
-    if img.shape[0] == 0:
-        raise ValueError("brisque got an empty batch")
-    if min(img.shape[-2:]) < MIN_SIZE:
-        raise ValueError(f"brisque needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(img.shape[-2:])}")
-    if not torch.isfinite(img).all():
-        raise ValueError("brisque got NaN or Inf pixel values")
-    lo, hi = float(img.min()), float(img.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"brisque expects values in [0, 1], got [{lo:.3g}, {hi:.3g}] (divide 8-bit images by 255)")
+    check_image_batch(img, "brisque", min_size=MIN_SIZE)
 
 
 def brisque(img: torch.Tensor) -> torch.Tensor:

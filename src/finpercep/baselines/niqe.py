@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from finpercep.checks import check_image_batch
 from scipy.ndimage import convolve
 from scipy.special import gamma
 
@@ -56,25 +58,13 @@ def _pristine_model() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _check_images(img: torch.Tensor) -> None:
-    if not isinstance(img, torch.Tensor):
-        raise TypeError(f"niqe expects a torch.Tensor (B, 3, H, W), got {type(img).__name__}")
-    if img.ndim != 4 or img.shape[1] != 3:
-        raise ValueError(f"niqe expects an image batch (B, 3, H, W) RGB, got shape {tuple(img.shape)}")
-    if not img.is_floating_point():
-        raise ValueError(f"niqe expects float values in [0, 1], got dtype {img.dtype}")
-    if img.shape[0] == 0:
-        raise ValueError("niqe got an empty batch")
+    check_image_batch(img, "niqe")
     h, w = img.shape[-2:]
     if (h // BLOCK_SIZE) * (w // BLOCK_SIZE) < MIN_BLOCKS:
         raise ValueError(
             f"niqe needs at least {MIN_BLOCKS} whole {BLOCK_SIZE}x{BLOCK_SIZE} blocks "
             f"(e.g. {BLOCK_SIZE}x{2 * BLOCK_SIZE}); got {h}x{w}"
         )
-    if not torch.isfinite(img).all():
-        raise ValueError("niqe got NaN or Inf pixel values")
-    lo, hi = float(img.min()), float(img.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"niqe expects values in [0, 1], got [{lo:.3g}, {hi:.3g}] (divide 8-bit images by 255)")
 
 
 def rgb_to_y(rgb8: np.ndarray) -> np.ndarray:

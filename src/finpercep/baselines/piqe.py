@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from finpercep.checks import check_image_batch
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.ndimage import correlate1d
 
@@ -102,19 +104,7 @@ def piqe_grey(grey: np.ndarray) -> float:
 
 
 def _check_images(img: torch.Tensor) -> None:
-    if not isinstance(img, torch.Tensor):
-        raise TypeError(f"piqe expects a torch.Tensor (B, 3, H, W), got {type(img).__name__}")
-    if img.ndim != 4 or img.shape[1] != 3:
-        raise ValueError(f"piqe expects an image batch (B, 3, H, W) RGB, got shape {tuple(img.shape)}")
-    if not img.is_floating_point():
-        raise ValueError(f"piqe expects float values in [0, 1], got dtype {img.dtype}")
-    if img.shape[0] == 0 or min(img.shape[-2:]) < 1:
-        raise ValueError(f"piqe got an empty batch or image: shape {tuple(img.shape)}")
-    if not torch.isfinite(img).all():
-        raise ValueError("piqe got NaN or Inf pixel values")
-    lo, hi = float(img.min()), float(img.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"piqe expects values in [0, 1], got [{lo:.3g}, {hi:.3g}] (divide 8-bit images by 255)")
+    check_image_batch(img, "piqe", min_size=1)
 
 
 def piqe(img: torch.Tensor) -> torch.Tensor:

@@ -239,7 +239,7 @@ class GTMapper:
         self.device = torch.device(device)
         self.net: EfficientNetLite0 | None = None
         if not cfg.pixel_only:
-            net = copy.deepcopy(backbone) if backbone is not None else efficientnet_lite0(pretrained=True)
+            net = copy.deepcopy(backbone) if backbone is not None else efficientnet_lite0()  # ImageNet weights shipped in a package
             self.net = net.to(self.device).eval().requires_grad_(False)
 
     @property

@@ -78,6 +78,7 @@ from torch import nn
 
 from finpercep.backbones.efficientnet_lite import STAGES as LITE0_STAGES
 from finpercep.backbones.efficientnet_lite import efficientnet_lite0, stage_receptive_field
+from finpercep.checks import check_image_batch
 from finpercep.config import from_dict, to_dict
 
 # ---------------------------------------------------------------------------------------------
@@ -299,24 +300,8 @@ class FPNDecoder(nn.Module):
 
 
 def _check_image_batch(x: object, who: str) -> torch.Tensor:
-    """Validate a ``(B, 3, H, W)`` float image batch in [0, 1]; raise ValueError saying what is wrong."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{who}: expected a torch.Tensor (B, 3, H, W) in [0, 1], got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(
-            f"{who}: expected shape (B, 3, H, W) (RGB, batched; use x[None] for one image), got {tuple(x.shape)}"
-        )
-    if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{who}: empty batch or image, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{who}: expected a float tensor in [0, 1], got dtype {x.dtype} (divide uint8 by 255)")
-    if not bool(torch.isfinite(x.detach()).all()):
-        raise ValueError(f"{who}: input contains NaN or infinite values")
     # Slight overshoot (e.g. an SR generator's raw output) is tolerated; [0, 255] or [-1, 1] is not.
-    lo, hi = float(x.detach().min()), float(x.detach().max())
-    if lo < -0.5 or hi > 1.5:
-        raise ValueError(f"{who}: expected values in [0, 1], got range [{lo:.3g}, {hi:.3g}]")
-    return x
+    return check_image_batch(x, who, tol=0.5)
 
 
 def _pad_to_multiple(x: torch.Tensor, m: int, mode: str) -> torch.Tensor:
