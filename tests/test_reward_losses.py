@@ -62,6 +62,20 @@ def test_align_loss_value_and_target_is_detached() -> None:
     assert base.grad is None and torch.allclose(s.grad, _t(0.5, -0.5))
 
 
+def test_balanced_map_loss_weighs_degraded_and_clean_pixels_equally() -> None:
+    gt = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # one degraded pixel of four
+    zero = torch.zeros_like(gt)
+    assert float(map_loss(zero, gt)) == pytest.approx(0.25)  # plain L1: predicting 0 looks good
+    assert float(map_loss(zero, gt, balance_threshold=0.1)) == pytest.approx(0.5)  # balanced: it does not
+    assert float(map_loss(gt, gt, balance_threshold=0.1)) == 0.0
+    ones = torch.ones_like(gt)
+    assert float(map_loss(ones, gt, balance_threshold=0.1)) == pytest.approx(0.5)
+    # one class only: the plain mean
+    flat = torch.full_like(gt, 0.5)
+    assert float(map_loss(zero, flat, balance_threshold=0.1)) == pytest.approx(0.5)
+    assert float(map_loss(ones, zero, balance_threshold=0.1)) == pytest.approx(1.0)
+
+
 def _out(score: torch.Tensor, m: torch.Tensor | None = None) -> RewardOutput:
     return RewardOutput(score=score, map=m, map_logits=None if m is None else torch.logit(m.clamp(1e-4, 1 - 1e-4)))
 

@@ -302,3 +302,20 @@ def test_config_validation_and_round_trip() -> None:
             RMConfig(**kwargs)
     with pytest.raises(ValueError, match="unknown keys"):
         from_dict(RMConfig, {"decoder_stages": 2})
+
+
+def test_score_does_not_train_the_map_unless_asked() -> None:
+    """While training, the score's losses leave the decoder alone (the map learns from L_map only);
+    with score_map_grad they reach it; at inference the input gradient flows through the map."""
+    torch.manual_seed(0)
+    cfg = RMConfig(decoder_stage=2, decoder_channels=8, score_hidden=16)
+    for flag, reaches in ((False, False), (True, True)):
+        m = FinPercepRM(dataclasses.replace(cfg, score_map_grad=flag), load_backbone_weights=False).train()
+        m(torch.rand(1, 3, 64, 64)).score.sum().backward()
+        grads = [p.grad for p in m.decoder.parameters() if p.grad is not None]
+        assert any(float(g.abs().sum()) > 0 for g in grads) == reaches
+    m.eval()
+    torch.nn.init.normal_(m.decoder.head.weight)  # a map that is not constant
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    m(x).map.mean().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0

@@ -194,6 +194,12 @@ class RMConfig:
     """How inputs are padded to a multiple of the deepest stride (replicate where an image is
     too small to reflect)."""
 
+    score_map_grad: bool = False
+    """Let the score's losses send gradient into the map while training. Off by default: the map
+    is then taught by ``L_map`` alone (our choice; with it on, the first embedded RM_1's map collapsed
+    under the ranking and alignment gradients). At inference the score is always differentiable
+    through the map."""
+
     freeze_backbone_bn: bool = True
     """Keep the backbone's BatchNorm layers in eval mode (ImageNet statistics) even in
     ``model.train()``: outputs never depend on the batch, so tiles, single images and small RL
@@ -434,7 +440,11 @@ class FinPercepRM(nn.Module):
         feats = self.encode(x_pad)
         logits = self.decode(feats, tuple(x_pad.shape[-2:]))
         m_pad = torch.sigmoid(logits) if logits is not None else None
-        score = self.pool_score(feats[self.cfg.levels[-1]], m_pad, valid)
+        # While training, the score reads the map without sending gradient into it (unless
+        # `score_map_grad`): the map is taught by L_map alone, so the ranking and alignment losses
+        # cannot bend it into whatever weighting suits the score. Inference is unaffected.
+        m_score = m_pad.detach() if (m_pad is not None and self.training and not self.cfg.score_map_grad) else m_pad
+        score = self.pool_score(feats[self.cfg.levels[-1]], m_score, valid)
         if logits is None:
             return RewardOutput(score=score, map=None, map_logits=None)
         return RewardOutput(score=score, map=m_pad[..., :h, :w], map_logits=logits[..., :h, :w])
