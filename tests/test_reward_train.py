@@ -28,7 +28,7 @@ def tiny_data(photo_dir, tmp_path_factory) -> Path:
 
 
 def tiny_cfg(**kw) -> RMTrainConfig:
-    base = dict(model=RMConfig(decoder_stage=0, decoder_channels=8, score_hidden=16), stages=2,
+    base = dict(model=RMConfig(decoder_stage=0, levels=(1, 2), decoder_channels=8, score_hidden=16), stages=2,
                 steps_per_stage=(3,), batch_size=2, log_every=1, ckpt_every=2, val_fraction=0.34, warmup_steps=1)
     base.update(kw)
     return RMTrainConfig(**base)
@@ -104,7 +104,7 @@ def test_yaml_config_and_unknown_keys(tmp_path):
 def _torchrun(tiny_data: Path, out: Path, nproc: int, batch: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     cfg = out.parent / f"{out.name}.yaml"
-    cfg.write_text("model:\n  decoder_channels: 8\n  score_hidden: 16\nlog_every: 1\nwarmup_steps: 1\n"
+    cfg.write_text("model:\n  levels: [1, 2]\n  decoder_channels: 8\n  score_hidden: 16\nlog_every: 1\nwarmup_steps: 1\n"
                    "val_fraction: 0.34\n")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "finpercep.cli", "-q", "rm", "train", "--data", str(tiny_data), "--out", str(out),

@@ -166,10 +166,10 @@ class RMConfig:
     decoder; the last one is ``f_N``, the input of the score head. Default for EfficientNet-Lite0:
     the deepest stage at each stride 4, 8, 16, 32 (24, 40, 112, 320 channels)."""
 
-    decoder_stage: int = 4
+    decoder_stage: int | None = None
     """How many decoder levels are active, 0..len(levels): 0 = RM_0 (global score only, no
     decoder, no map); k = the k coarsest levels (stage 1 the deepest level only, the last stage
-    all levels, map logits at the finest active level's stride)."""
+    all levels, map logits at the finest active level's stride). ``None`` = all levels."""
 
     decoder_channels: int = 64
     """Channels of every decoder level (lateral convs, fusion blocks)."""
@@ -214,6 +214,8 @@ class RMConfig:
             raise ValueError(f"levels must be a non-empty strictly increasing tuple of ints, got {self.levels}")
         if lv[0] < 0 or lv[-1] >= n:
             raise ValueError(f"levels must index backbone stages 0..{n - 1}, got {self.levels}")
+        if self.decoder_stage is None:
+            object.__setattr__(self, "decoder_stage", len(lv))
         if not 0 <= self.decoder_stage <= len(lv):
             raise ValueError(f"decoder_stage must be in [0, {len(lv)}] (len(levels)), got {self.decoder_stage}")
         if self.decoder_channels < 1 or self.score_hidden < 1:
