@@ -156,5 +156,3 @@ def safe_relpath(root: Path, rel: str) -> Path:
         raise ValueError(f"manifest path must be relative and inside its folder, got {rel!r}")
     return root / p
 
-
-_atomic_write_bytes = atomic_write_bytes  # old private name, kept for modules not yet moved over

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -628,18 +628,13 @@ def merge_datasets(parts: list[str | Path], out: str | Path, *, link: bool = Tru
     _write_sorted_manifest(out, records)
     cfg = BuildConfig.from_json(infos[0][1]["config"])
     full = [s[0] for s in shards] == list(range(n))
-    info = dataset_info(cfg, (0, 1) if full else (-1, n), records, infos[0][1]["skipped_photos"], [])
+    info = dataset_info(cfg, (0, 1), records, infos[0][1]["skipped_photos"], [])
     info["photos"] = infos[0][1]["photos"]
-    info["merged_from"] = [list(s) for s in shards]
-    if full:
-        info.pop("merged_from")
+    if not full:  # some shards still missing: say which are here
+        info["shard"] = None
+        info["merged_from"] = [list(s) for s in shards]
     save_json(out / DATASET_JSON, info)
     if full:
         save_json(out / BUILD_JSON, {"config": cfg.to_json(), "shard": [0, 1], "extra_families": [],
                                      "photos": info["photos"]})
     return len(records)
-
-
-def with_overrides(cfg: BuildConfig, **kw) -> BuildConfig:
-    """A copy of ``cfg`` with fields replaced (validated again)."""
-    return replace(cfg, **kw)

@@ -41,8 +41,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-# _atomic_write_bytes: io has no public JSON-lines writer yet; this is its atomic primitive.
-from finpercep.io import ImageReadError, _atomic_write_bytes, read_image, safe_relpath, save_png
+from finpercep.io import ImageReadError, atomic_write_bytes, read_image, safe_relpath, save_png
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +347,7 @@ def _read_manifest(out: Path) -> dict[str, PhotoRecord]:
 
 def _write_manifest(out: Path, records: Iterable[PhotoRecord]) -> None:
     text = "".join(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write_bytes(out / MANIFEST_NAME, text.encode("utf-8"))
+    atomic_write_bytes(out / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def _fetch(out: Path, kind: Literal["debian", "wheel"], existing: dict[str, PhotoRecord], progress: bool) -> list[PhotoRecord]:
