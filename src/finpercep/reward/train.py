@@ -64,6 +64,11 @@ class RMTrainConfig:
     """Learning rate of the decoder and score head (AdamW)."""
     backbone_lr: float = 1e-4
     """Learning rate of the pretrained encoder."""
+    grown_backbone_lr: float | None = None
+    """Encoder learning rate for stages >= 1; ``None`` = ``backbone_lr``; 0 freezes the encoder
+    after RM_0, so the grown stages train only the decoder and score head on RM_0's features. (Our
+    first embedded run, with the encoder trained in every stage, lost its score: the map loss moved
+    the shared features, the alignment loss exploded, and the score head's units died.)"""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     warmup_steps: int = 20
@@ -296,11 +301,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _optimizer(model: FinPercepRM, cfg: RMTrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: FinPercepRM, cfg: RMTrainConfig, stage: int) -> torch.optim.Optimizer:
+    enc_lr = cfg.backbone_lr if stage == 0 or cfg.grown_backbone_lr is None else cfg.grown_backbone_lr
+    model.backbone.requires_grad_(enc_lr > 0)
     enc = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-    return torch.optim.AdamW([{"params": enc, "lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr},
-                              {"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if enc:
+        groups.append({"params": enc, "lr": enc_lr, "base_lr": enc_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
 def _append_metrics(run: Path, rec: dict) -> None:
@@ -386,12 +395,12 @@ def train_reward_model(
             model = FinPercepRM(replace(cfg.model, decoder_stage=0)).to(dev)
         else:
             model = model.grow()
-        opt = _optimizer(model, cfg)
+        opt = _optimizer(model, cfg, k)
         start = 0
         if resume is not None and resume[1]["stage"] == k:
             folder, state = resume
             model.load_state_dict(load_pretrained(folder, map_location=dev).state_dict())
-            opt = _optimizer(model, cfg)
+            opt = _optimizer(model, cfg, k)
             opt.load_state_dict(state["optimizer"])
             start = int(state["step"])
             if rank == 0:
@@ -443,7 +452,7 @@ def train_reward_model(
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == n_steps):
                 now = time.perf_counter()
                 _append_metrics(run, {"stage": k, "step": step + 1, **logs, "grad_norm": float(gn),
-                                      "lr": opt.param_groups[1]["lr"], "time/step": (now - t_last) / cfg.log_every})
+                                      "lr": opt.param_groups[0]["lr"], "time/step": (now - t_last) / cfg.log_every})
                 t_last = now
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < n_steps:
                 if rank == 0:
