@@ -21,6 +21,8 @@ demo: setup
 	$(FP) photos fetch --out $(DEMO)/photos
 	$(FP) data build --images $(DEMO)/photos/train --out $(DEMO)/fgr --num 64 --workers 2
 	$(FP) data show $(DEMO)/fgr --num 16 --to $(DEMO)/fgr/sheet.png
+	$(FP) score $(DEMO)/fgr/samples/0000/s000000[0-7]_syn.png $(DEMO)/photos/test --overlay $(DEMO)/overlays --maps $(DEMO)/maps
+	@echo "reward-map overlays: $(DEMO)/overlays/"
 
 test: setup
 	$(PY) -m pytest -q
