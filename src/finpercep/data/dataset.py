@@ -31,7 +31,8 @@ class FGRDataset(Dataset):
     ``(3, H/s, W/s)``), ``mask`` and the maps ``(1, H, W)`` float32 in [0, 1], and ``meta`` (the
     manifest record). ``keys`` limits what is read (reading less is faster).
 
-    ``families`` / ``exclude_families`` select samples by SR family (e.g. to hold a family out).
+    ``families`` / ``exclude_families`` select samples by SR family (e.g. to hold a family out);
+    ``records`` replaces the manifest's records (a subset of them, e.g. a validation split).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class FGRDataset(Dataset):
         keys: Sequence[str] = ("hr", "syn", "sr", "mask", "map_syn", "map_sr"),
         families: Sequence[str] | None = None,
         exclude_families: Sequence[str] = (),
+        records: list[dict] | None = None,
     ) -> None:
         self.root = Path(root)
         if not (self.root / MANIFEST).exists():
@@ -49,7 +51,7 @@ class FGRDataset(Dataset):
         if bad:
             raise ValueError(f"unknown keys {bad}; valid: {sorted(valid)}")
         self.keys = tuple(keys)
-        records = read_manifest(self.root)
+        records = read_manifest(self.root) if records is None else records
         if families is not None:
             records = [r for r in records if r["sr_family"] in set(families)]
         self.records = [r for r in records if r["sr_family"] not in set(exclude_families)]

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from finpercep.data import builder
+from finpercep.data.builder import MANIFEST, REQUIRED_KEYS
 from finpercep.io import load_image, load_npy, read_image, safe_relpath, save_png
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
-REQUIRED_KEYS = ("id", "hr", "lr", "sr", "syn", "mask", "map_syn", "map_sr", "sr_family", "mask_kind", "mask_area", "seed")
 COLUMNS = ("HR", "SR", "syn + mask", "map_syn")
 
 PAD = 6
@@ -65,25 +65,18 @@ def heatmap_overlay(img: torch.Tensor, heat: torch.Tensor | np.ndarray, alpha: f
 
 
 def read_manifest(dataset_dir: Path) -> list[dict[str, Any]]:
-    """Records of ``dataset_dir/manifest.jsonl``; torn or invalid lines are skipped with a warning."""
+    """Records of ``dataset_dir/manifest.jsonl`` (read by the builder's reader: a torn last line of a
+    running build is skipped), checked for the contract's keys; a missing or empty manifest is an error."""
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {dataset_dir} is not an FGR data set (build one with `finpercep data build`)"
         )
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not valid JSON (a build still running?); skipped", path, n)
-            continue
+    records = builder.read_manifest(Path(dataset_dir))
+    for rec in records:
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         if missing:
-            raise ValueError(f"{path} line {n}: missing keys {missing}")
-        records.append(rec)
+            raise ValueError(f"{path} sample {rec.get('id', '?')}: missing keys {missing}")
     if not records:
         raise ValueError(f"{path} has no samples")
     return records

@@ -136,32 +136,27 @@ def load_train_config(path: str | Path | None, **overrides: Any) -> RMTrainConfi
 
 
 class Triplets:
-    """The training / validation triplets of an FGR data set, as uint8 arrays read on demand."""
+    """The training / validation triplets of an FGR data set, read on demand through :class:`FGRDataset`."""
 
     def __init__(self, root: Path, records: list[dict], pixel_only: bool) -> None:
+        from finpercep.data.dataset import FGRDataset
         from finpercep.data.gt_maps import GTMapConfig, GTMapper
 
-        self.root = root
-        self.records = records
+        keys = ("hr", "syn", "sr", "mask") + (() if pixel_only else ("map_syn",))
+        self.dataset = FGRDataset(root, keys=keys, records=records)
         self.pixel_mapper = GTMapper(GTMapConfig(pixel_only=True)) if pixel_only else None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.dataset)
 
     def load(self, idx: list[int], crop: int | None, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Stack samples ``idx``: ``hr, syn, sr (B, 3, h, w)``, ``map_syn, mask (B, 1, h, w)``."""
-        from finpercep.data.dataset import _read_grey
-        from finpercep.io import load_npy, read_image, safe_relpath, to_tensor
-
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("hr", "syn", "sr", "map_syn", "mask")}
         for i in idx:
-            r = self.records[i]
-            item = {k: to_tensor(read_image(safe_relpath(self.root, r[k]))[0]) for k in ("hr", "syn", "sr")}
-            item["mask"] = torch.from_numpy(_read_grey(safe_relpath(self.root, r["mask"])).astype(np.float32) / 255)[None]
+            item = self.dataset[i]
+            item.pop("meta")
             if self.pixel_mapper is not None:
                 item["map_syn"] = self.pixel_mapper(item["hr"][None], item["syn"][None])[0]
-            else:
-                item["map_syn"] = torch.from_numpy(load_npy(safe_relpath(self.root, r["map_syn"])).astype(np.float32))[None]
             if crop is not None:
                 h, w = item["hr"].shape[-2:]
                 c = min(crop, h, w)
