@@ -83,8 +83,8 @@ class BuildConfig:
     mask_area: tuple[float, float] = (0.03, 0.30)
     """Bounds of the swapped area fraction per sample."""
     min_texture: float = 0.008
-    """A crop is accepted when its :func:`texture` (mean absolute grey gradient) reaches this; about
-    half of random 256-px crops of the Debian photos do. 0 accepts the first crop."""
+    """A crop is accepted when its :func:`texture` (mean absolute grey gradient) reaches this; 0 accepts
+    the first crop."""
     crop_tries: int = 8
     """Random crop positions tried per unit before taking the most textured one."""
     hflip_prob: float = 0.5

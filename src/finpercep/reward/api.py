@@ -173,7 +173,7 @@ class ImageScore:
 
 def export_run(run_dir: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> list[Path]:
     """Copy every finished stage of a training run to ``out/stage_k/`` (weights cast to ``dtype``,
-    float16 by default: half the size, scores within ~1e-3), with each stage's ``val.json``.
+    float16 by default: half the size, scores slightly off the float32 ones), with each stage's ``val.json``.
     This is how the embedded checkpoint in ``finpercep/reward/weights`` is made."""
     import shutil
 

@@ -37,7 +37,7 @@ def map_loss(pred_map: torch.Tensor, gt_map: torch.Tensor, balance_threshold: fl
     ``balance_threshold`` (ours): pixels with ``M_gt > threshold`` and the others each get half of
     every image's weight, so the L1 is a mean over "degraded" and "clean" pixels alike. Swapped
     regions cover 3-30 % of an image, and a plain L1 is then minimised by predicting ~0 everywhere
-    (its per-pixel optimum is the median): our first RM_1 did exactly that (map mean 0.02 inside
+    (its per-pixel optimum is the median): our first RM_1 did exactly that (a near-zero map inside
     and outside the masks). An image without degraded pixels keeps the plain mean.
     """
     if not isinstance(pred_map, torch.Tensor) or not isinstance(gt_map, torch.Tensor):
