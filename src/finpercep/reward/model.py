@@ -80,6 +80,7 @@ from finpercep.backbones.efficientnet_lite import STAGES as LITE0_STAGES
 from finpercep.backbones.efficientnet_lite import efficientnet_lite0, stage_receptive_field
 from finpercep.checks import check_image_batch
 from finpercep.config import from_dict, to_dict
+from finpercep.types import RewardOutput  # re-exported: the reward model returns the shared type
 
 # ---------------------------------------------------------------------------------------------
 # Backbones
@@ -238,20 +239,6 @@ class RMConfig:
     def stride(self) -> int:
         """Stride of ``f_N``; inputs are padded to a multiple of it."""
         return BACKBONES[self.backbone].stages[self.levels[-1]][0]
-
-
-@dataclass
-class RewardOutput:
-    """What a FinPercep-RM returns for ``B`` images of size ``H x W``.
-
-    ``score`` ``(B,)``: higher = better (margin units, see module docstring).
-    ``map`` ``(B, 1, H, W)`` in [0, 1], higher = more degraded; ``None`` at stage 0.
-    ``map_logits`` ``(B, 1, H, W)``, ``map = sigmoid(map_logits)``; ``None`` at stage 0.
-    """
-
-    score: torch.Tensor
-    map: torch.Tensor | None
-    map_logits: torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------------------------
