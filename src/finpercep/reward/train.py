@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from finpercep.config import from_dict, to_dict
+from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
 from finpercep.io import atomic_write_bytes, save_json
 from finpercep.reward.losses import RMLossConfig, total_loss
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
@@ -278,24 +278,6 @@ def validate(model: FinPercepRM, val: Triplets, device: torch.device, batch: int
 # ----------------------------------------------------------------------------------------------
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed(device: str) -> None:
-    """Join the process group when launched by ``torchrun`` (it sets ``WORLD_SIZE``), even with one
-    process, so a 1-GPU torchrun goes through the same DDP path as many."""
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-
-def _barrier() -> None:
-    if _dist_info()[1] > 1:
-        dist.barrier()
-
-
 def _optimizer(model: FinPercepRM, cfg: RMTrainConfig, stage: int) -> torch.optim.Optimizer:
     enc_lr = cfg.backbone_lr if stage == 0 or cfg.grown_backbone_lr is None else cfg.grown_backbone_lr
     model.backbone.requires_grad_(enc_lr > 0)
@@ -357,16 +339,15 @@ def train_reward_model(
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _init_distributed(device)
-    rank, world = _dist_info()
-    if device.startswith("cuda") and dist.is_initialized():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    init_distributed(device)
+    rank, world = dist_info()
+    device = local_device(device)
     dev = torch.device(device)
     data, run = Path(data), Path(run)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         _check_run_config(run, cfg, data)
-    _barrier()
+    barrier()
     train_recs, val_recs, val_root = split_records(data, Path(val_data) if val_data else None, cfg)
     pixel_only = cfg.gt_map == "pixel_only"
     train_set = Triplets(data, train_recs, pixel_only)
@@ -439,9 +420,7 @@ def train_reward_model(
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.3f}")
             if world > 1:  # log the global batch, not rank 0's slice of it
-                vals = torch.tensor([float(gn)] + [logs[key] for key in sorted(logs)], dtype=torch.float64)
-                dist.all_reduce(vals)
-                vals /= world
+                vals = all_reduce_mean(torch.tensor([float(gn)] + [logs[key] for key in sorted(logs)], dtype=torch.float64))
                 gn = vals[0]
                 logs = dict(zip(sorted(logs), vals[1:].tolist()))
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == n_steps):
@@ -452,14 +431,13 @@ def train_reward_model(
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < n_steps:
                 if rank == 0:
                     save_checkpoint(run, model, opt, k, step + 1)
-                _barrier()
+                barrier()
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 if rank == 0:
                     save_checkpoint(run, model, opt, k, step + 1)
                 if bar:
                     bar.close()
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+                destroy()
                 return folders
         if bar:
             bar.close()
@@ -471,12 +449,11 @@ def train_reward_model(
             save_json(stage_dir(run, k) / "val.json", res)  # last: marks the stage done
             plot_metrics(run)
             log.info("stage %d done: %s", k, res)
-        _barrier()
+        barrier()
         if k == 0:
             base = load_pretrained(stage_dir(run, 0), map_location=dev).requires_grad_(False)
         folders.append(stage_dir(run, k))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
     return folders
 
 
