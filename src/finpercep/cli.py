@@ -181,6 +181,55 @@ def cmd_rm_export(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# policies and RL
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_sr(args: argparse.Namespace) -> int:
+    from finpercep.policies import load_policy
+    from finpercep.policies.upscale import run_sr
+
+    policy = load_policy(args.policy, args.device)
+    return run_sr(args.paths, policy, Path(args.out), tile=args.tile, context=args.context, device=args.device,
+                  progress=not args.quiet)
+
+
+def cmd_policy_list(args: argparse.Namespace) -> int:
+    from finpercep.policies import POLICIES
+
+    for name in POLICIES:
+        print(name)
+    return 0
+
+
+def cmd_rl_rewards(args: argparse.Namespace) -> int:
+    from finpercep.rewards import REWARDS
+
+    for name in REWARDS:
+        print(name)
+    print("(a ':K' suffix picks stage K of finpercep / fused; sums like 'finpercep+0.5*l1')")
+    return 0
+
+
+def cmd_rl_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from finpercep.rl import fine_tune, load_rl_config
+
+    cfg = load_rl_config(args.config, steps=args.steps, batch=args.batch, lr=args.lr, lora_rank=args.lora_rank,
+                         seed=args.seed, crop=args.crop, dense_credit=args.dense_credit)
+    if args.group_size is not None:
+        cfg = replace(cfg, dpo=replace(cfg.dpo, group_size=args.group_size),
+                      grpo=replace(cfg.grpo, group_size=args.group_size))
+    final = fine_tune(args.policy, args.algo, args.reward, args.data, args.out, cfg, checkpoint=args.checkpoint,
+                      device=args.device, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fine-tuned policy: {final} (use it with `finpercep sr IMAGES --policy {final} --out DIR`)")
+        print(f"metrics: {Path(args.out) / 'metrics.jsonl'}, samples: {Path(args.out) / 'samples'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
 
@@ -195,12 +244,18 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("rm", "export"): (cmd_rm_export, "copy a run's stages into a compact checkpoint folder (e.g. fp16)"),
     ("score", ""): (cmd_score, "score images with FinPercep-RM: a global score and a degradation map"),
     ("rm", "train"): (cmd_rm_train, "train FinPercep-RM stage by stage: RM_0 (global) .. RM_N (fine maps)"),
+    ("sr", ""): (cmd_sr, "upscale images with an SR policy (a name or a checkpoint folder), tiled"),
+    ("policy", "list"): (cmd_policy_list, "list the SR policies by name"),
+    ("rl", "train"): (cmd_rl_train, "fine-tune an SR policy against a reward with ReFL, DPO or GRPO"),
+    ("rl", "rewards"): (cmd_rl_rewards, "list the rewards a --reward spec can name"),
 }
 
 GROUP_HELP = {
     "photos": "real photographs to crop HR images from",
     "data": "the FGR data engine (PAPER.md section 2)",
     "rm": "the FinPercep-RM reward model (PAPER.md sections 1, 3, 4)",
+    "policy": "SR policies: real pretrained networks and the project's small ones",
+    "rl": "RL fine-tuning of SR policies with a reward (PAPER.md section 5)",
 }
 
 
@@ -270,6 +325,36 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--exclude-families", default="", help="SR families held out of training, comma-separated")
         p.add_argument("--pixel-only", action="store_true", help="train on pixel-only maps (the paper's ablation)")
         p.add_argument("--seed", type=int, default=None, help="seed (overrides the config)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    elif key == ("sr", ""):
+        p.add_argument("paths", nargs="+", help="LR images or folders of images")
+        p.add_argument("--policy", required=True,
+                       help="policy name (see `finpercep policy list`) or a checkpoint folder (e.g. RUN/final)")
+        p.add_argument("--out", required=True, help="output folder (<name>.png per input)")
+        p.add_argument("--tile", type=int, default=128, help="LR tile size, 0 = whole image (default: %(default)s)")
+        p.add_argument("--context", type=int, default=16, help="LR context pixels around each tile (default: %(default)s)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")
+    elif key == ("rl", "train"):
+        p.add_argument("--policy", required=True, help="policy name (`finpercep policy list`) or checkpoint folder")
+        p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"),
+                       help="refl: reward backprop (any policy); dpo / grpo: stochastic policies (flow-x4)")
+        p.add_argument("--reward", default="finpercep",
+                       help="reward spec, e.g. finpercep, finpercep:2, fused:3, niqe, finpercep+0.5*l1 "
+                            "(`finpercep rl rewards`; default: %(default)s)")
+        p.add_argument("--data", required=True, help="FGR data set folder (`finpercep data build`); its LR/HR pairs")
+        p.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
+        p.add_argument("--config", default=None, help="YAML with sections run, refl, dpo, grpo (see configs/)")
+        p.add_argument("--checkpoint", default=None,
+                       help="FinPercep-RM run or checkpoint for the reward (default: the model shipped in the package)")
+        p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the config)")
+        p.add_argument("--batch", type=int, default=None, help="LR images per step, all processes together")
+        p.add_argument("--group-size", type=int, default=None, help="samples per LR image (dpo, grpo)")
+        p.add_argument("--lr", type=float, default=None, help="learning rate")
+        p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on every convolution; 0 = full fine-tune")
+        p.add_argument("--crop", type=int, default=None, help="HR crop size (0 = whole images)")
+        p.add_argument("--dense-credit", type=float, default=None,
+                       help="weight the update per pixel by the reward's map, strength a (0 = off)")
+        p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     elif key == ("data", "check"):
         p.add_argument("dataset", help="data set folder (with manifest.jsonl)")

@@ -89,6 +89,10 @@ class Reward(Protocol):
         self, sr: torch.Tensor, lr: torch.Tensor | None = None, hr: torch.Tensor | None = None
     ) -> RewardOutput: ...
 
+    def to(self, device: str | torch.device) -> "Reward":
+        """Move whatever runs on a device (a no-op for numpy metrics); returns ``self``."""
+        ...
+
 
 @runtime_checkable
 class Policy(Protocol):

@@ -1,0 +1,95 @@
+"""RL fine-tuning of SR policies with a reward (PAPER.md section 5, issue #4).
+
+One file per algorithm, each a loop you read top to bottom, sharing data types and the run folder
+(:mod:`finpercep.rl.common`):
+
+- :mod:`finpercep.rl.refl`: ReFL, direct reward backpropagation (the paper's main method);
+- :mod:`finpercep.rl.dpo`: online Diffusion-DPO on a stochastic policy;
+- :mod:`finpercep.rl.grpo`: Flow-GRPO on a stochastic policy.
+
+:data:`ALGORITHMS` maps the CLI's ``--algo`` to the loops; :class:`RLConfig` gathers the shared
+:class:`RunConfig` and each algorithm's own config (a YAML file fills it: top-level keys ``run``,
+``refl``, ``dpo``, ``grpo``; unknown keys are errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from finpercep.config import from_dict
+from finpercep.rl import dpo, grpo, refl
+from finpercep.rl.common import PairData, RunConfig, run_meta
+from finpercep.rl.dpo import DPOConfig
+from finpercep.rl.grpo import GRPOConfig
+from finpercep.rl.refl import ReFLConfig
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Everything ``finpercep rl train`` is configured by."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Shared settings (steps, batch, crop, learning rate, LoRA, seed, ...)."""
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def algo_config(self, algo: str) -> Any:
+        return getattr(self, algo)
+
+
+ALGORITHMS: dict[str, Callable[..., Path]] = {
+    "refl": refl.train,
+    "dpo": dpo.train,
+    "grpo": grpo.train,
+}
+"""``--algo`` name -> training loop ``train(policy, reward, data, run, run_cfg, algo_cfg, *, meta, device, progress)``."""
+
+
+def load_rl_config(path: str | Path | None = None, **run_overrides: Any) -> RLConfig:
+    """An :class:`RLConfig` from a YAML file (or the defaults), with ``run`` fields overridden
+    by keyword (``None`` values are ignored, so CLI flags left unset keep the file's values)."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config {p} not found")
+        data = yaml.safe_load(p.read_text()) or {}
+    cfg = from_dict(RLConfig, data, where=str(path or "RLConfig"))
+    over = {k: v for k, v in run_overrides.items() if v is not None}
+    return replace(cfg, run=replace(cfg.run, **over)) if over else cfg
+
+
+def fine_tune(
+    policy: str,
+    algo: str,
+    reward: str,
+    data: str | Path,
+    out: str | Path,
+    cfg: RLConfig = RLConfig(),
+    *,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> Path:
+    """Load ``policy`` (a name of :data:`finpercep.policies.POLICIES` or a checkpoint folder) and
+    the reward ``reward`` (a spec of :func:`finpercep.rewards.create_reward`, FinPercep-RM terms
+    from ``checkpoint`` or the embedded default), then run ``algo`` on the pairs of the data set
+    ``data`` into ``out``. Returns the final policy checkpoint folder."""
+    from finpercep.policies import load_policy
+    from finpercep.rewards import create_reward
+
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    pairs = PairData(data)
+    net = load_policy(policy)
+    rew = create_reward(reward, checkpoint=checkpoint, device=device)
+    meta = run_meta(algo, policy, reward, data, cfg)
+    meta["reward_checkpoint"] = None if checkpoint is None else str(checkpoint)
+    return ALGORITHMS[algo](net, rew, pairs, out, cfg.run, cfg.algo_config(algo), meta=meta, device=device,
+                            progress=progress, stop_after_steps=stop_after_steps)

@@ -1,0 +1,493 @@
+"""What the three RL loops (ReFL, DPO, GRPO) share: the run configuration, the training pairs,
+the run folder (config, metrics, samples, checkpoints, resume), the reference policy, and small
+pure helpers (dense credit, finiteness guard). Each algorithm's loop lives in its own file and
+reads top to bottom; this module holds no control flow of theirs.
+
+A run folder ``RUN/`` holds
+
+- ``run_config.json``: the resolved configuration, the policy, the reward spec and the data;
+  resuming with other settings is an error;
+- ``metrics.jsonl``: one line per logged step (``reward/mean``, ``reward/std``, ``fidelity/l1``,
+  ``kl``, ``grad_norm``, ``time/*``, ...);
+- ``samples/step_XXXXXXX.png``: LR | SR | reward map over SR | HR for a few training images;
+- ``ckpt/step_XXXXXXX/``: ``policy/`` (a plain policy checkpoint, LoRA merged, loadable wherever a
+  policy name works) and ``trainer.pt`` (trainable tensors, optimiser, step, extra state), with
+  ``ckpt/LATEST`` naming the newest; ``final/``: the policy at the end of the run.
+
+Randomness is a pure function of ``(seed, step)``: the batch of step ``s`` and every noise draw in
+it come from generators seeded with ``SeedSequence([seed, s, ...])``, so a resumed run repeats an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from finpercep.config import to_dict
+from finpercep.io import atomic_write_bytes, save_json
+from finpercep.types import RewardOutput, StochasticPolicy
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings every algorithm shares."""
+
+    steps: int = 100
+    """Optimiser steps."""
+    batch: int = 4
+    """LR images per optimiser step, over all processes together (GRPO / DPO: prompts, each
+    sampled ``group_size`` times)."""
+    grad_accum: int = 1
+    """Split each process's share of the batch into this many micro-batches whose gradients are
+    accumulated (same update, less memory)."""
+    crop: int = 128
+    """HR crop size in pixels (the LR crop is ``crop / scale``); 0 = whole images."""
+    lr: float = 1e-4
+    """Adam learning rate (no weight decay: a zero gradient must leave the policy unchanged)."""
+    lora_rank: int = 0
+    """0 = fine-tune every parameter; r >= 1 = LoRA adapters of rank r on every convolution,
+    the base frozen (:mod:`finpercep.policies.lora`)."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator (scale = alpha / rank); ``None`` = rank."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    dense_credit: float = 0.0
+    """Dense credit (ours, beyond the paper): strength ``a`` of the per-pixel weight
+    ``w = 1 + a * M / mean(M)`` built from the reward's map ``M``; 0 = off. ReFL scales the
+    reward's gradient at each pixel by ``w``; GRPO weights each pixel's log-probability by ``w``.
+    Needs a reward with a map."""
+    seed: int = 0
+    """Seed of the data order and of every noise draw."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    sample_every: int = 50
+    """Write a sample grid every N steps (and at the last step); 0 = never."""
+    ckpt_every: int = 50
+    """Checkpoint every N steps (and at the end); a killed run resumes from the newest."""
+    num_samples: int = 4
+    """Images in each sample grid."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.crop < 0 or self.lora_rank < 0 or self.dense_credit < 0 or self.lr <= 0:
+            raise ValueError("run.crop, run.lora_rank and run.dense_credit must be >= 0 and run.lr > 0")
+        if self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0:
+            raise ValueError("run.log_every and run.ckpt_every must be >= 1, run.sample_every >= 0")
+
+
+def seeded_generator(*key: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator whose state is a pure function of ``key`` (e.g. ``seed, step, purpose``)."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pairs
+
+
+class PairData:
+    """The (LR, HR) pairs of an FGR data set (``finpercep data build``; each LR/HR pair once,
+    however many masks were drawn on it). ``batch(...)`` is a pure function of its arguments."""
+
+    def __init__(self, root: str | Path) -> None:
+        from finpercep.data.builder import MANIFEST, read_manifest
+
+        self.root = Path(root)
+        if not (self.root / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"{self.root} has no {MANIFEST}: pass a data set built by `finpercep data build`"
+            )
+        seen: dict[str, dict] = {}
+        for r in read_manifest(self.root):
+            seen.setdefault(r["lr"], r)
+        self.records = list(seen.values())
+        if not self.records:
+            raise ValueError(f"{self.root}: the data set is empty")
+        info = self.root / "dataset.json"
+        meta = json.loads(info.read_text()) if info.exists() else {}
+        self.scale = int(meta.get("config", {}).get("scale", 4))
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lr (3, h, w), hr (3, h*s, w*s))`` of pair ``i``, float32 in [0, 1]."""
+        if i not in self._cache:
+            from finpercep.io import read_image, safe_relpath, to_tensor
+
+            r = self.records[i]
+            lr = to_tensor(read_image(safe_relpath(self.root, r["lr"]))[0])
+            hr = to_tensor(read_image(safe_relpath(self.root, r["hr"]))[0])
+            if hr.shape[1] != lr.shape[1] * self.scale or hr.shape[2] != lr.shape[2] * self.scale:
+                raise ValueError(f"{self.root}: sample {r['id']} has LR {tuple(lr.shape)} and HR {tuple(hr.shape)}, "
+                                 f"not x{self.scale}")
+            self._cache[i] = (lr, hr)
+        return self._cache[i]
+
+    def batch(self, seed: int, step: int, n: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` pairs of step ``step``: ``(lr (n, 3, c/s, c/s), hr (n, 3, c, c))`` with
+        aligned random crops of HR size ``crop`` (0 = whole images)."""
+        rng = np.random.default_rng(np.random.SeedSequence([seed, step, 7]))
+        idx = rng.integers(len(self), size=n)
+        s = self.scale
+        lrs, hrs = [], []
+        for i in idx:
+            lr, hr = self.pair(int(i))
+            if crop:
+                c = crop // s
+                if c < 1 or c > lr.shape[1] or c > lr.shape[2]:
+                    raise ValueError(f"crop {crop} does not fit the LR images {tuple(lr.shape[1:])} at x{s}")
+                y = int(rng.integers(lr.shape[1] - c + 1))
+                x = int(rng.integers(lr.shape[2] - c + 1))
+                lr, hr = lr[:, y : y + c, x : x + c], hr[:, y * s : (y + c) * s, x * s : (x + c) * s]
+            lrs.append(lr)
+            hrs.append(hr)
+        return torch.stack(lrs), torch.stack(hrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def is_stochastic(policy: nn.Module) -> bool:
+    """True for a multi-step policy with per-step log-probabilities (what DPO and GRPO need)."""
+    return isinstance(policy, StochasticPolicy)
+
+
+def credit_weight(reward_map: torch.Tensor, strength: float) -> torch.Tensor:
+    """Dense credit weight ``w = 1 + a * M / mean(M)`` per image, ``(B, 1, H, W)``, detached.
+    Its mean over an image is ``1 + a``: the total credit grows with ``a`` and concentrates where
+    the map says the image is degraded."""
+    m = reward_map.detach().float()
+    return 1.0 + strength * m / m.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath, section 4.1.2; Flow-GRPO eq. 4):
+    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` over consecutive groups of
+    ``group_size``. A group whose rewards are all equal gets zero advantages."""
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (B*G,) with G={group_size}, got {tuple(rewards.shape)}")
+    r = rewards.detach().float().view(-1, group_size)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).flatten()
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, reward or gradient became NaN/Inf: the run stops, nothing is overwritten."""
+
+
+def check_finite(step: int, run: Path, **values: torch.Tensor | float) -> None:
+    """Raise :class:`NonFiniteError` naming the step, the offending values and the last good
+    checkpoint if any value is NaN or infinite."""
+    bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
+    if bad:
+        last = latest_checkpoint(run)
+        where = f"last good checkpoint: {last[0]}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}; the run stops here ({where}; nothing was overwritten)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference policy
+
+
+def make_reference(policy: nn.Module) -> Callable[[], contextlib.AbstractContextManager[nn.Module]]:
+    """A context-manager factory yielding the frozen reference policy: with LoRA the same module
+    with its adapters off (no second copy), else a frozen copy taken now."""
+    from finpercep.policies.lora import adapters_disabled, has_lora
+
+    if has_lora(policy):
+        return lambda: adapters_disabled(policy)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def frozen() -> Iterator[nn.Module]:
+        yield ref
+
+    return frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+def _ckpt_root(run: Path) -> Path:
+    return run / "ckpt"
+
+
+def check_run_config(run: Path, meta: dict[str, Any]) -> None:
+    """Write ``RUN/run_config.json``, or check that a resumed run was started with the same."""
+    path = run / "run_config.json"
+    meta = json.loads(json.dumps(meta))
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != meta:
+            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise ValueError(f"{run} was started with other settings ({', '.join(diff)} differ); "
+                             "resume with the same arguments or choose a new --out")
+    else:
+        save_json(path, meta)
+
+
+def trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, step: int,
+                    extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
+    """``RUN/ckpt/step_XXXXXXX/`` (policy + trainer state), then ``LATEST``; older ones beyond
+    ``keep`` are removed only after the new one is complete."""
+    from finpercep.policies import save_policy
+    from finpercep.policies.lora import has_lora, merge_lora
+
+    root = _ckpt_root(run)
+    folder = root / f"step_{step:07d}"
+    save_policy(merge_lora(policy) if has_lora(policy) else policy, folder / "policy")
+    buf = io.BytesIO()
+    torch.save({"step": step, "trainable": trainable_state(policy), "optimizer": opt.state_dict(),
+                "extra": extra or {}}, buf)
+    atomic_write_bytes(folder / "trainer.pt", buf.getvalue())
+    atomic_write_bytes(root / "LATEST", folder.name.encode())
+    old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for p in old[:-keep]:
+        if p.name != folder.name:
+            shutil.rmtree(p, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(run: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint of a run and its trainer state, or None."""
+    pointer = _ckpt_root(run) / "LATEST"
+    if not pointer.exists():
+        return None
+    folder = _ckpt_root(run) / pointer.read_text().strip()
+    if not (folder / "trainer.pt").exists():
+        return None
+    return folder, torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+
+
+def append_metrics(run: Path, rec: dict[str, Any]) -> None:
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def truncate_metrics(run: Path, step: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint's step (they are logged again)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def save_samples(run: Path, step: int, lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor,
+                 out: RewardOutput | None, n: int) -> Path:
+    """``RUN/samples/step_XXXXXXX.png``: one row per image, LR (nearest-upsampled) | SR | the
+    reward's map over SR (where the reward has a map) | HR."""
+    import torch.nn.functional as F
+
+    from finpercep.data.sheet import heatmap_overlay
+    from finpercep.io import save_png
+
+    rows = []
+    for i in range(min(n, sr.shape[0])):
+        s = sr[i].detach().float().cpu().clamp(0, 1)
+        cells = [F.interpolate(lr[i : i + 1].float().cpu(), size=s.shape[1:], mode="nearest")[0], s]
+        if out is not None and out.map is not None:
+            cells.append(heatmap_overlay(s, out.map[i, 0].detach().float().cpu()))
+        cells.append(hr[i].float().cpu())
+        gap = torch.ones(3, s.shape[1], 4)
+        rows.append(torch.cat([c for cell in cells for c in (cell, gap)][:-1], dim=2))
+    grid = torch.cat([c for r in rows for c in (r, torch.ones(3, 4, r.shape[2]))][:-1], dim=1)
+    path = run / "samples" / f"step_{step:07d}.png"
+    save_png(path, grid)
+    return path
+
+
+@dataclass
+class StepTimer:
+    """Wall time of named sections of one step (CUDA-synchronised on GPU), for the step-time
+    breakdown ``time/<section>`` in the metrics."""
+
+    device: torch.device
+    times: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+
+    def logs(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting up and finishing a run
+
+
+@dataclass
+class Session:
+    """The state a loop works with, made by :func:`start_run`."""
+
+    run: Path
+    policy: nn.Module
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    start_step: int
+    extra: dict[str, Any]
+    device: torch.device
+    rank: int
+    world: int
+
+
+def start_run(policy: nn.Module, run: str | Path, meta: dict[str, Any], cfg: RunConfig,
+              device: str = "cpu") -> Session:
+    """Join the process group (torchrun), check/write the run config, put LoRA adapters on
+    ``policy`` (a pretrained policy, changed in place) if asked, build the optimiser and resume
+    from the newest checkpoint. The trainable parameters start identical on every process."""
+    from finpercep.distributed import barrier, dist_info, init_distributed, local_device
+    from finpercep.policies.lora import apply_lora
+
+    init_distributed(device)
+    rank, world = dist_info()
+    dev = torch.device(local_device(device))
+    run = Path(run)
+    if cfg.batch % world:
+        raise ValueError(f"run.batch ({cfg.batch}) must be divisible by the number of processes ({world})")
+    if (cfg.batch // world) % cfg.grad_accum:
+        raise ValueError(f"each process's batch ({cfg.batch // world}) must be divisible by run.grad_accum ({cfg.grad_accum})")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        check_run_config(run, meta)
+    barrier()
+    if cfg.lora_rank:
+        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        policy.requires_grad_(True)
+    policy.to(dev).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    start, extra = 0, {}
+    resume = latest_checkpoint(run)
+    if resume is not None:
+        folder, state = resume
+        named = dict(policy.named_parameters())
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                named[n].copy_(t.to(dev))
+        opt.load_state_dict(state["optimizer"])
+        start, extra = int(state["step"]), dict(state.get("extra", {}))
+        if rank == 0:
+            truncate_metrics(run, start)
+            log.info("resuming %s at step %d from %s", run, start, folder)
+    return Session(run=run, policy=policy, params=params, opt=opt, start_step=start, extra=extra,
+                   device=dev, rank=rank, world=world)
+
+
+def optimizer_step(s: Session, cfg: RunConfig) -> float:
+    """Average gradients over processes, clip, step; returns the gradient norm before clipping."""
+    from finpercep.distributed import average_gradients
+
+    average_gradients(s.params)
+    grads = [p.grad for p in s.params if p.grad is not None]
+    gn = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+    if cfg.max_grad_norm > 0 and grads:
+        torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    return float(gn)
+
+
+def end_step(s: Session, cfg: RunConfig, step: int, logs: dict[str, float], *,
+             samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor, RewardOutput | None] | None = None,
+             extra: dict[str, Any] | None = None) -> None:
+    """After optimiser step ``step`` (1-based count of steps done): log (rank 0, values averaged
+    over processes), write samples and checkpoints when due."""
+    from finpercep.distributed import all_reduce_mean, barrier
+
+    if s.world > 1:
+        keys = sorted(logs)
+        vals = all_reduce_mean(torch.tensor([logs[k] for k in keys], dtype=torch.float64))
+        logs = dict(zip(keys, vals.tolist()))
+    last = step == cfg.steps
+    if s.rank == 0:
+        if step % cfg.log_every == 0 or last:
+            append_metrics(s.run, {"step": step, **logs})
+        if samples is not None and cfg.sample_every and (step % cfg.sample_every == 0 or last or step == 1):
+            save_samples(s.run, step, *samples, n=cfg.num_samples)
+        if step % cfg.ckpt_every == 0 or last:
+            save_checkpoint(s.run, s.policy, s.opt, step, extra)
+        if last:
+            from finpercep.policies import save_policy
+            from finpercep.policies.lora import has_lora, merge_lora
+
+            save_policy(merge_lora(s.policy) if has_lora(s.policy) else s.policy, s.run / "final")
+    if step % cfg.ckpt_every == 0 or last:
+        barrier()
+
+
+def run_meta(algo: str, policy: str, reward: str, data: str | Path, cfg: Any) -> dict[str, Any]:
+    """What ``run_config.json`` records."""
+    return {"algo": algo, "policy": str(policy), "reward": reward, "data": str(data), "config": to_dict(cfg)}
+
+
+def progress_bar(s: Session, cfg: RunConfig, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on rank 0 when ``enabled``, else None."""
+    if not enabled or s.rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=s.start_step, desc=desc, unit="step")
+
+
+def finish(s: Session, bar: Any, stopped_at: int | None = None) -> Path:
+    """Close the bar and leave the process group. ``stopped_at``: the run is being ended early
+    after that many steps (``stop_after_steps``, for tests of resume): checkpoint it and return
+    the checkpoint; otherwise return ``RUN/final``."""
+    from finpercep.distributed import destroy
+
+    if bar is not None:
+        bar.close()
+    out = s.run / "final"
+    if stopped_at is not None:
+        out = save_checkpoint(s.run, s.policy, s.opt, stopped_at) if s.rank == 0 else s.run
+    destroy()
+    return out
