@@ -57,8 +57,11 @@ log = logging.getLogger(__name__)
 class ReFLConfig:
     """ReFL settings."""
 
-    reward_weight: float = 1.0
-    """lambda of ``-lambda * R(sr)`` (ImageReward eq. 3)."""
+    reward_weight: float = 1e-3
+    """lambda of ``-lambda * R(sr)`` (ImageReward eq. 3). Small because FinPercep-RM scores are in
+    margin units that differ by several units between images, so their gradient per pixel is far
+    larger than the L1 term's (which is divided by the number of pixels); raise it for rewards on a
+    [0, 1]-like scale (``ssim``, ``l1``)."""
     fidelity_weight: float = 1.0
     """Weight of the L1 fidelity term ``mean |sr - hr|`` that keeps the output faithful to HR."""
     late_steps: int = 2
