@@ -3,9 +3,9 @@
 :func:`upscale_tiled` cuts the LR image into ``tile x tile`` tiles, runs each with ``context``
 extra LR pixels on every side (clipped at the image border), and keeps only the tile's own
 output. A convolutional policy whose receptive field fits in ``context`` gives the same output
-as a whole-image pass; beyond it the tiles differ from a whole-image pass only near tile edges
-(the test suite measures the difference for each policy at the default context). Memory is
-bounded by one tile.
+as a whole-image pass (tested for small networks); a policy with a larger receptive field (the
+23-block RRDBNets) differs from a whole-image pass only near tile edges. Memory is bounded by
+one tile.
 """
 
 from __future__ import annotations
