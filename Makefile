@@ -25,6 +25,7 @@ demo: setup
 	@echo "reward-map overlays: $(DEMO)/overlays/"
 
 test: setup
+	@bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 clean:

@@ -95,6 +95,7 @@ def main() -> None:
            "train_seconds_this_call": train_s,
            "reward_first": sum(m["reward/mean"] for m in curve[:10]) / len(curve[:10]),
            "reward_last": sum(m["reward/mean"] for m in curve[-10:]) / len(curve[-10:])}
+    (run / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))  # for `finpercep report`
     out = RESULTS / "rl" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1, sort_keys=True))

@@ -229,6 +229,14 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from finpercep.eval.report import render_report
+
+    out = render_report([Path(r) for r in args.runs], Path(args.out), title=args.title)
+    print(f"report: {out.resolve()}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +256,7 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("policy", "list"): (cmd_policy_list, "list the SR policies by name"),
     ("rl", "train"): (cmd_rl_train, "fine-tune an SR policy against a reward with ReFL, DPO or GRPO"),
     ("rl", "rewards"): (cmd_rl_rewards, "list the rewards a --reward spec can name"),
+    ("report", ""): (cmd_report, "write a self-contained HTML report of one or more RL runs"),
 }
 
 GROUP_HELP = {
@@ -356,6 +365,10 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
                        help="weight the update per pixel by the reward's map, strength a (0 = off)")
         p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    elif key == ("report", ""):
+        p.add_argument("runs", nargs="+", help="RL run folders (finpercep rl train --out RUN)")
+        p.add_argument("--out", default="report.html", help="output HTML file (default: %(default)s)")
+        p.add_argument("--title", default=None, help="page title")
     elif key == ("data", "check"):
         p.add_argument("dataset", help="data set folder (with manifest.jsonl)")
         p.add_argument("--limit", type=int, default=None, help="check only the first N samples")
