@@ -29,3 +29,22 @@ def tree_bytes(root: Path, skip: tuple[str, ...] = ("build_stats.json",)) -> dic
 
 def noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_run(tmp_path_factory) -> Path:
+    """A reward-model run folder with stage_0 .. stage_2 of a tiny FinPercep-RM (random heads)."""
+    import torch
+
+    from finpercep.reward.model import FinPercepRM, RMConfig, save_pretrained
+
+    run = tmp_path_factory.mktemp("rmrun")
+    torch.manual_seed(0)
+    m = FinPercepRM(RMConfig(decoder_stage=0, levels=(1, 2), decoder_channels=8, score_hidden=16))
+    for k in range(3):
+        if k:
+            m = m.grow()
+            with torch.no_grad():  # a non-trivial map head, so stages' rewards differ
+                m.decoder.head.weight.normal_(0, 0.5)
+        save_pretrained(m, run / f"stage_{k}")
+    return run

@@ -25,7 +25,7 @@ from finpercep.curriculum import (
     resolve_config,
     trend,
 )
-from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
+from finpercep.reward.model import load_pretrained
 from finpercep.rewards import FusedReward
 
 
@@ -191,21 +191,6 @@ def test_config_from_yaml_dict_round_trip():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A reward-model run folder with stage_0 .. stage_2 of a tiny FinPercep-RM (random heads)."""
-    run = tmp_path_factory.mktemp("rmrun")
-    torch.manual_seed(0)
-    m = FinPercepRM(RMConfig(decoder_stage=0, levels=(1, 2), decoder_channels=8, score_hidden=16))
-    for k in range(3):
-        if k:
-            m = m.grow()
-            with torch.no_grad():  # a non-trivial map head, so stages' rewards differ
-                m.decoder.head.weight.normal_(0, 0.5)
-        save_pretrained(m, run / f"stage_{k}")
-    return run
-
-
-@pytest.fixture(scope="module")
 def photos32() -> torch.Tensor:
     """Four 32x32 crops of real photos, (4, 3, 32, 32) in [0, 1]."""
     import skimage.data as sd
@@ -223,16 +208,16 @@ def blur(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
 
 
-def test_curriculum_gives_the_current_stage_fused_reward_and_loads_lazily(tiny_run, photos32):
+def test_curriculum_gives_the_current_stage_fused_reward_and_loads_lazily(tiny_rm_run, photos32):
     cfg = CurriculumConfig(mode="fixed", schedule=(2,), l1=(1.0, 2.0, 0.5), l2=0.3)
-    cur = Curriculum(cfg, checkpoint=tiny_run)
+    cur = Curriculum(cfg, checkpoint=tiny_rm_run)
     assert cur.cfg.stages == (0, 1, 2) and cur.loaded_stages() == []
     x = photos32[:2]
     for step, k, l1 in [(1, 0, 1.0), (2, 0, 1.0), (3, 1, 2.0), (4, 1, 2.0), (5, 2, 0.5)]:
         reward = cur.reward
         assert isinstance(reward, FusedReward) and reward.stage == k == cur.stage
         assert (reward.l1, reward.l2, reward.tau) == (l1, 0.3, cfg.tau)
-        ref = FusedReward(k, checkpoint=tiny_run, l1=l1, l2=0.3)
+        ref = FusedReward(k, checkpoint=tiny_rm_run, l1=l1, l2=0.3)
         with torch.no_grad():
             torch.testing.assert_close(reward(x).score, ref(x).score)
         assert cur.loaded_stages() == list(range(k + 1))  # only the stages reached so far
@@ -243,37 +228,37 @@ def test_curriculum_gives_the_current_stage_fused_reward_and_loads_lazily(tiny_r
     assert cur.reward is cur.reward  # one reward object per stage, cached
 
 
-def test_curriculum_state_dict_resumes_and_refuses_other_settings(tiny_run):
+def test_curriculum_state_dict_resumes_and_refuses_other_settings(tiny_rm_run):
     cfg = CurriculumConfig(mode="auto", window=3, min_steps=3, max_steps=4)
-    cur = Curriculum(cfg, checkpoint=tiny_run)
+    cur = Curriculum(cfg, checkpoint=tiny_rm_run)
     for step in range(1, 6):
         cur.observe(step, float(step))
     buf = io.BytesIO()
     torch.save(cur.state_dict(), buf)
     d = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    again = Curriculum(cfg, checkpoint=tiny_run)
+    again = Curriculum(cfg, checkpoint=tiny_rm_run)
     again.load_state_dict(d)
     assert again.state == cur.state and again.stage == cur.stage == 1
     for step in range(6, 12):
         assert again.observe(step, float(step)) == cur.observe(step, float(step))
     assert again.state == cur.state
-    other = Curriculum(replace(cfg, max_steps=9), checkpoint=tiny_run)
+    other = Curriculum(replace(cfg, max_steps=9), checkpoint=tiny_rm_run)
     with pytest.raises(ValueError, match="max_steps"):
         other.load_state_dict(d)
 
 
-def test_mode_none_uses_the_last_stage_or_the_base_spec(tiny_run):
-    cur = Curriculum(CurriculumConfig(mode="none"), checkpoint=tiny_run)
+def test_mode_none_uses_the_last_stage_or_the_base_spec(tiny_rm_run):
+    cur = Curriculum(CurriculumConfig(mode="none"), checkpoint=tiny_rm_run)
     assert cur.reward.stage == 2 and cur.logs()["curriculum/stage"] == 2
-    base = Curriculum(CurriculumConfig(mode="none"), checkpoint=tiny_run, base_spec="rm0")
+    base = Curriculum(CurriculumConfig(mode="none"), checkpoint=tiny_rm_run, base_spec="rm0")
     assert base.reward.name == "rm0" and base.logs()["curriculum/stage"] == -1
     assert base.observe(1, 0.3) is None
-    single = Curriculum(CurriculumConfig(mode="none"), checkpoint=tiny_run / "stage_1")
+    single = Curriculum(CurriculumConfig(mode="none"), checkpoint=tiny_rm_run / "stage_1")
     assert single.reward.stage == 1
     with pytest.raises(ValueError, match="run folder with stage_K"):
-        Curriculum(CurriculumConfig(mode="auto"), checkpoint=tiny_run / "stage_1")
+        Curriculum(CurriculumConfig(mode="auto"), checkpoint=tiny_rm_run / "stage_1")
     with pytest.raises(ValueError, match="only for curriculum mode 'none'"):
-        Curriculum(CurriculumConfig(mode="auto"), checkpoint=tiny_run, base_spec="rm0")
+        Curriculum(CurriculumConfig(mode="auto"), checkpoint=tiny_rm_run, base_spec="rm0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,14 +307,14 @@ def test_heldout_set_from_a_data_set(tmp_path, photos32):
                                                           "sr": (3, 3, 32, 32), "map_syn": (3, 1, 32, 32)}
 
 
-def test_one_coevolution_refresh_changes_the_reward_model(tiny_run, photos32, tmp_path):
+def test_one_coevolution_refresh_changes_the_reward_model(tiny_rm_run, photos32, tmp_path):
     co = CoevolveConfig(refresh_every=2, rm_steps=2, batch=2, buffer=8, rollouts_per_step=0, heldout=3,
                         rm_lr=1e-2, mask_kinds=("blob", "ellipse"))
     cfg = CurriculumConfig(mode="coevolve", stages=(1, 2), window=3, min_steps=3, max_steps=50, coevolve=co)
     _write_tiny_dataset(tmp_path / "d", photos32, blur(photos32))
-    cur = Curriculum(cfg, checkpoint=tiny_run, data=tmp_path / "d")
+    cur = Curriculum(cfg, checkpoint=tiny_rm_run, data=tmp_path / "d")
     assert cur.loaded_stages() == []  # neither RM_0 (alignment target) nor any stage yet
-    shipped = load_pretrained(tiny_run / "stage_1").state_dict()
+    shipped = load_pretrained(tiny_rm_run / "stage_1").state_dict()
     reward = cur.reward
     x = photos32[:2]
     with torch.no_grad():
@@ -354,17 +339,17 @@ def test_one_coevolution_refresh_changes_the_reward_model(tiny_run, photos32, tm
     with torch.no_grad():
         assert not torch.allclose(reward(x).score, before)  # the policy's reward changed in place
     for k, v in cur.coevolver.base.state_dict().items():
-        torch.testing.assert_close(v, load_pretrained(tiny_run / "stage_0").state_dict()[k])
+        torch.testing.assert_close(v, load_pretrained(tiny_rm_run / "stage_0").state_dict()[k])
     # resume: the refreshed weights come back through torch.load(weights_only=True)
     buf = io.BytesIO()
     torch.save(cur.state_dict(), buf)
-    again = Curriculum(cfg, checkpoint=tiny_run, data=tmp_path / "d")
+    again = Curriculum(cfg, checkpoint=tiny_rm_run, data=tmp_path / "d")
     again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     for k, v in again.coevolver.model(1).state_dict().items():
         torch.testing.assert_close(v, live[k])
     assert again.coevolver.refreshes == 1 and len(again.coevolver.buffer) == 0  # buffer is not saved
 
 
-def test_add_rollout_is_a_no_op_outside_coevolve(tiny_run, photos32):
-    cur = Curriculum(CurriculumConfig(mode="fixed", schedule=(2,)), checkpoint=tiny_run)
+def test_add_rollout_is_a_no_op_outside_coevolve(tiny_rm_run, photos32):
+    cur = Curriculum(CurriculumConfig(mode="fixed", schedule=(2,)), checkpoint=tiny_rm_run)
     assert cur.add_rollout(photos32, blur(photos32)) == 0 and cur.coevolver is None

@@ -109,7 +109,7 @@ def run_cfg(**kw) -> RunConfig:
 
 def train(algo: str, policy, reward, pairs: Path, out: Path, cfg: RunConfig, algo_cfg=None, **kw) -> Path:
     algo_cfg = algo_cfg or RLConfig().algo_config(algo)
-    meta = run_meta(algo, "test", reward.name, pairs, cfg)
+    meta = run_meta(algo, "test", getattr(reward, "name", "curriculum"), pairs, cfg)
     return ALGORITHMS[algo](policy, reward, PairData(pairs), out, cfg, algo_cfg, meta=meta, progress=False, **kw)
 
 
@@ -415,3 +415,52 @@ def test_ddp_two_cpu_processes_match_one_process(pairs, tmp_path):
         assert runs[2][key] == pytest.approx(runs[1][key], rel=1e-4), key
     a, b = load_policy(tmp_path / "p2" / "final"), load_policy(tmp_path / "p1" / "final")
     assert same(params(a), params(b), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curriculum inside the loops
+
+
+def curriculum(run: Path, mode: str = "fixed", **kw):
+    from finpercep.curriculum import Curriculum, CurriculumConfig
+
+    return Curriculum(CurriculumConfig(mode=mode, **kw), run)
+
+
+def test_refl_with_a_fixed_curriculum_switches_and_resumes(pairs, tmp_path, tiny_rm_run):
+    cfg = run_cfg(steps=4, crop=32)
+    make = lambda: curriculum(tiny_rm_run, schedule=(2, 1))
+    whole = tiny_policy()
+    train("refl", whole, make(), pairs, tmp_path / "whole", cfg)
+    stages = [m["curriculum/stage"] for m in read_metrics(tmp_path / "whole")]
+    assert stages == [0, 1, 2, 2]  # switched after steps 2 and 3
+    part = tiny_policy()
+    train("refl", part, make(), pairs, tmp_path / "part", cfg, stop_after_steps=3)
+    assert latest_checkpoint(tmp_path / "part")[1]["extra"]["curriculum"]["state"]["stage_index"] == 2
+    resumed = tiny_policy()
+    train("refl", resumed, make(), pairs, tmp_path / "part", cfg)
+    assert [m["curriculum/stage"] for m in read_metrics(tmp_path / "part")] == stages
+    assert same(params(whole), params(resumed), atol=1e-6)
+
+
+def test_grpo_with_online_coevolution_refreshes_the_reward_model(pairs, tmp_path, tiny_rm_run):
+    from finpercep.curriculum import CoevolveConfig
+
+    cur = curriculum(tiny_rm_run, "coevolve", stages=(1,), coevolve=CoevolveConfig(refresh_every=1, rm_steps=1, batch=2, heldout=0))
+    before = {k: v.clone() for k, v in cur.reward.model.state_dict().items()}
+    train("grpo", flow_policy(), cur, pairs, tmp_path / "run", run_cfg(steps=2, crop=32), GRPOConfig(group_size=2))
+    after = cur.reward.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    m = read_metrics(tmp_path / "run")[-1]
+    assert "coevolve/rm_loss" in m and math.isfinite(m["coevolve/rm_loss"]) and m["coevolve/buffer"] > 0
+
+
+def test_cli_curriculum_and_reward_are_exclusive(pairs, tmp_path, tiny_rm_run):
+    pol = save_policy(tiny_policy(), tmp_path / "tiny")
+    r = _cli(["rl", "train", "--policy", str(pol), "--algo", "refl", "--curriculum", "fixed", "--reward", "finpercep",
+              "--checkpoint", str(tiny_rm_run), "--data", str(pairs), "--out", str(tmp_path / "r")])
+    assert r.returncode == 2 and "drop the reward spec" in r.stderr
+    r = _cli(["rl", "train", "--policy", str(pol), "--algo", "refl", "--curriculum", "auto", "--checkpoint", str(tiny_rm_run),
+              "--data", str(pairs), "--out", str(tmp_path / "ok"), "--steps", "2", "--batch", "2", "--crop", "32"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_metrics(tmp_path / "ok")[-1]["curriculum/stage"] == 0

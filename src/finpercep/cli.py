@@ -221,6 +221,8 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
     if args.group_size is not None:
         cfg = replace(cfg, dpo=replace(cfg.dpo, group_size=args.group_size),
                       grpo=replace(cfg.grpo, group_size=args.group_size))
+    if args.curriculum is not None:
+        cfg = replace(cfg, curriculum=replace(cfg.curriculum, mode=args.curriculum))
     final = fine_tune(args.policy, args.algo, args.reward, args.data, args.out, cfg, checkpoint=args.checkpoint,
                       device=args.device, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -347,9 +349,13 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--policy", required=True, help="policy name (`finpercep policy list`) or checkpoint folder")
         p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"),
                        help="refl: reward backprop (any policy); dpo / grpo: stochastic policies (flow-x4)")
-        p.add_argument("--reward", default="finpercep",
+        p.add_argument("--reward", default=None,
                        help="reward spec, e.g. finpercep, finpercep:2, fused:3, niqe, finpercep+0.5*l1 "
-                            "(`finpercep rl rewards`; default: %(default)s)")
+                            "(`finpercep rl rewards`; default: finpercep); not with a --curriculum")
+        p.add_argument("--curriculum", default=None, choices=("none", "fixed", "auto", "coevolve"),
+                       help="move through the reward model's stages RM_0..RM_N with the fused reward: on a fixed "
+                            "schedule, automatically on a plateau, or while the reward model keeps training on "
+                            "the policy's outputs (overrides the config; default: the config's, none)")
         p.add_argument("--data", required=True, help="FGR data set folder (`finpercep data build`); its LR/HR pairs")
         p.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
         p.add_argument("--config", default=None, help="YAML with sections run, refl, dpo, grpo (see configs/)")

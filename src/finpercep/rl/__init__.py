@@ -9,7 +9,9 @@ One file per algorithm, each a loop you read top to bottom, sharing data types a
 
 :data:`ALGORITHMS` maps the CLI's ``--algo`` to the loops; :class:`RLConfig` gathers the shared
 :class:`RunConfig` and each algorithm's own config (a YAML file fills it: top-level keys ``run``,
-``refl``, ``dpo``, ``grpo``; unknown keys are errors).
+``refl``, ``dpo``, ``grpo``, ``curriculum``; unknown keys are errors). With a curriculum
+(:mod:`finpercep.curriculum`, PAPER.md section 4) the reward is the fused reward of the reward
+model's current stage, switched by a fixed schedule, automatically, or with online co-evolution.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from finpercep.config import from_dict
+from finpercep.curriculum.schedule import CurriculumConfig
 from finpercep.rl import dpo, grpo, refl
 from finpercep.rl.common import PairData, RunConfig, run_meta
 from finpercep.rl.dpo import DPOConfig
@@ -37,6 +40,9 @@ class RLConfig:
     refl: ReFLConfig = field(default_factory=ReFLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """How the reward moves through the reward model's stages (``mode: none`` = the fixed
+    ``--reward``); :mod:`finpercep.curriculum`."""
 
     def algo_config(self, algo: str) -> Any:
         return getattr(self, algo)
@@ -67,7 +73,7 @@ def load_rl_config(path: str | Path | None = None, **run_overrides: Any) -> RLCo
 def fine_tune(
     policy: str,
     algo: str,
-    reward: str,
+    reward: str | None,
     data: str | Path,
     out: str | Path,
     cfg: RLConfig = RLConfig(),
@@ -78,9 +84,12 @@ def fine_tune(
     stop_after_steps: int | None = None,
 ) -> Path:
     """Load ``policy`` (a name of :data:`finpercep.policies.POLICIES` or a checkpoint folder) and
-    the reward ``reward`` (a spec of :func:`finpercep.rewards.create_reward`, FinPercep-RM terms
-    from ``checkpoint`` or the embedded default), then run ``algo`` on the pairs of the data set
-    ``data`` into ``out``. Returns the final policy checkpoint folder."""
+    the reward: the spec ``reward`` (:func:`finpercep.rewards.create_reward`; ``None`` =
+    ``finpercep``) when ``cfg.curriculum.mode`` is ``none``, else a
+    :class:`finpercep.curriculum.Curriculum` over the stages of the reward-model run
+    ``checkpoint`` (``None``: the embedded default); then run ``algo`` on the pairs of the data
+    set ``data`` into ``out``. Returns the final policy checkpoint folder."""
+    from finpercep.curriculum import Curriculum
     from finpercep.policies import load_policy
     from finpercep.rewards import create_reward
 
@@ -88,7 +97,15 @@ def fine_tune(
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     pairs = PairData(data)
     net = load_policy(policy)
-    rew = create_reward(reward, checkpoint=checkpoint, device=device)
+    if cfg.curriculum.mode == "none":
+        reward = reward or "finpercep"
+        rew = create_reward(reward, checkpoint=checkpoint, device=device)
+    else:
+        if reward is not None:
+            raise ValueError(f"curriculum mode {cfg.curriculum.mode!r} uses the fused reward of each reward-model "
+                             f"stage; drop the reward spec {reward!r} (or use curriculum mode 'none')")
+        reward = f"curriculum:{cfg.curriculum.mode}"
+        rew = Curriculum(cfg.curriculum, checkpoint, device, total_steps=cfg.run.steps, data=data)
     meta = run_meta(algo, policy, reward, data, cfg)
     meta["reward_checkpoint"] = None if checkpoint is None else str(checkpoint)
     return ALGORITHMS[algo](net, rew, pairs, out, cfg.run, cfg.algo_config(algo), meta=meta, device=device,

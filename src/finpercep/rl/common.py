@@ -478,7 +478,7 @@ def progress_bar(s: Session, cfg: RunConfig, desc: str, enabled: bool) -> Any:
     return tqdm(total=cfg.steps, initial=s.start_step, desc=desc, unit="step")
 
 
-def finish(s: Session, bar: Any, stopped_at: int | None = None) -> Path:
+def finish(s: Session, bar: Any, stopped_at: int | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Close the bar and leave the process group. ``stopped_at``: the run is being ended early
     after that many steps (``stop_after_steps``, for tests of resume): checkpoint it and return
     the checkpoint; otherwise return ``RUN/final``."""
@@ -488,6 +488,69 @@ def finish(s: Session, bar: Any, stopped_at: int | None = None) -> Path:
         bar.close()
     out = s.run / "final"
     if stopped_at is not None:
-        out = save_checkpoint(s.run, s.policy, s.opt, stopped_at) if s.rank == 0 else s.run
+        out = save_checkpoint(s.run, s.policy, s.opt, stopped_at, extra) if s.rank == 0 else s.run
     destroy()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward source: a fixed reward, or a curriculum that moves through reward-model stages
+
+
+class FixedReward:
+    """A reward seen as a one-stage curriculum, so the loops treat both alike (the interface of
+    :class:`finpercep.curriculum.Curriculum`: ``reward``, ``add_rollout``, ``observe``, ``logs``,
+    ``state_dict``, ``load_state_dict``)."""
+
+    def __init__(self, reward: Any) -> None:
+        self.reward = reward
+
+    def add_rollout(self, hr: torch.Tensor, sr: torch.Tensor) -> int:
+        return 0
+
+    def observe(self, step: int, reward_mean: float) -> str | None:
+        return None
+
+    def logs(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        pass
+
+
+def current_reward(reward: Any) -> Any:
+    """The Reward now in use: ``reward`` itself, or a curriculum's current one."""
+    return reward.reward if hasattr(reward, "observe") else reward
+
+
+def check_dense_credit(cfg: RunConfig, reward: Any) -> None:
+    """Dense credit needs a map: from the reward, or from a curriculum's later stages."""
+    stages = getattr(getattr(reward, "cfg", None), "stages", None)
+    has_map = current_reward(reward).has_map or (stages is not None and max(stages) > 0)
+    if cfg.dense_credit and not has_map:
+        raise ValueError(f"run.dense_credit needs a reward with a map; {current_reward(reward).name!r} has none")
+
+
+def attach_rewards(s: Session, reward: Any) -> Any:
+    """The loop's reward source for ``reward`` (a Reward, or a Curriculum), restored from the
+    checkpoint a resumed run started from."""
+    src = reward if hasattr(reward, "observe") else FixedReward(reward)
+    if s.world > 1 and getattr(src, "coevolver", None) is not None:
+        raise ValueError("curriculum mode 'coevolve' trains the reward model in one process; run it without torchrun")
+    if s.extra.get("curriculum"):
+        src.load_state_dict(s.extra["curriculum"])
+    src.reward.to(s.device)
+    return src
+
+
+def observe_rewards(src: Any, step: int, reward_mean: float) -> dict[str, float]:
+    """Tell the reward source step ``step`` is done (the mean reward over all processes, so they
+    switch stages together); returns its logs (``curriculum/stage`` ...)."""
+    from finpercep.distributed import all_reduce_mean
+
+    mean = float(all_reduce_mean(torch.tensor([reward_mean], dtype=torch.float64))[0])
+    src.observe(step, mean)
+    return src.logs()

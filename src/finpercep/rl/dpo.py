@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finpercep.rl.common import (
+    attach_rewards,
+    observe_rewards,
     PairData,
     RunConfig,
     StepTimer,
@@ -81,7 +83,7 @@ def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
 
 def train(
     policy: nn.Module,
-    reward: Reward,
+    reward: Reward | Any,
     data: PairData,
     run: str | Path,
     cfg: RunConfig,
@@ -102,7 +104,7 @@ def train(
     if policy.scale != data.scale:
         raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
     s = start_run(policy, run, meta, cfg, device)
-    reward = reward.to(s.device)
+    rewards = attach_rewards(s, reward)
     reference = make_reference(policy)
     G = algo.group_size
     per_rank = cfg.batch // s.world
@@ -113,6 +115,7 @@ def train(
         timer = StepTimer(s.device)
         t0 = time.perf_counter()
         lr_all, hr_all = data.batch(cfg.seed, step, cfg.batch, cfg.crop)
+        reward = rewards.reward  # a curriculum may have moved to another stage
         scores, gaps, losses, accs = [], [], [], []
         for m in range(cfg.grad_accum):
             a = s.rank * per_rank + m * micro
@@ -124,6 +127,7 @@ def train(
             with timer("reward_forward"), torch.no_grad():
                 out = reward(traj.sr, lr=lr_g, hr=hr_g)
             check_finite(step + 1, s.run, reward=out.score)
+            rewards.add_rollout(hr_g, traj.sr)
             iw, il = best_and_worst(out.score, G)
             sr_w, sr_l = traj.sr[iw], traj.sr[il]
             t = torch.rand(lr.shape[0], generator=gen, device=s.device)
@@ -149,12 +153,13 @@ def train(
                 "dpo/implicit_acc": sum(accs) / len(accs), "grad_norm": gn,
                 "fidelity/l1": float((traj.sr - hr_g).abs().mean()), "time/step": time.perf_counter() - t0,
                 **timer.logs()}
+        logs.update(observe_rewards(rewards, step + 1, logs["reward/mean"]))
         best = RewardOutput(score=out.score[iw], map=None if out.map is None else out.map[iw])
-        end_step(s, cfg, step + 1, logs, samples=(lr, sr_w, hr, best))
+        end_step(s, cfg, step + 1, logs, samples=(lr, sr_w, hr, best), extra={"curriculum": rewards.state_dict()})
         if bar:
             bar.update(1)
             bar.set_postfix(reward=f"{logs['reward/mean']:.3f}", loss=f"{logs['loss']:.3f}")
         done += 1
         if stop_after_steps is not None and done >= stop_after_steps and step + 1 < cfg.steps:
-            return finish(s, bar, stopped_at=step + 1)
+            return finish(s, bar, stopped_at=step + 1, extra={"curriculum": rewards.state_dict()})
     return finish(s, bar)

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 from finpercep.rl.common import (
+    attach_rewards,
+    check_dense_credit,
+    observe_rewards,
     PairData,
     RunConfig,
     StepTimer,
@@ -92,7 +95,7 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 def train(
     policy: nn.Module,
-    reward: Reward,
+    reward: Reward | Any,
     data: PairData,
     run: str | Path,
     cfg: RunConfig,
@@ -108,12 +111,11 @@ def train(
     if not is_stochastic(policy):
         raise ValueError(f"GRPO needs a stochastic multi-step policy with per-step log-probabilities "
                          f"(flow-x4 or a checkpoint of it); {getattr(policy, 'name', type(policy).__name__)!r} is one-step: use --algo refl")
-    if cfg.dense_credit and not reward.has_map:
-        raise ValueError(f"run.dense_credit needs a reward with a map; {reward.name!r} has none")
+    check_dense_credit(cfg, reward)
     if policy.scale != data.scale:
         raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
     s = start_run(policy, run, meta, cfg, device)
-    reward = reward.to(s.device)
+    rewards = attach_rewards(s, reward)
     reference = make_reference(policy) if algo.kl_beta > 0 else None
     G, K = algo.group_size, policy.num_steps
     n_k = max(1, math.ceil(algo.timestep_fraction * K))
@@ -125,6 +127,7 @@ def train(
         timer = StepTimer(s.device)
         t0 = time.perf_counter()
         lr_all, hr_all = data.batch(cfg.seed, step, cfg.batch, cfg.crop)
+        reward = rewards.reward  # a curriculum may have moved to another stage
         # 1) Rollouts: G samples per LR image, their rewards and group-normalised advantages.
         rollouts = []
         for m in range(cfg.grad_accum):
@@ -138,7 +141,8 @@ def train(
                 out = reward(traj.sr, lr=lr, hr=hr)
             check_finite(step + 1, s.run, reward=out.score)
             adv = group_advantages(out.score, G, algo.adv_eps)
-            weight = credit_weight(out.map, cfg.dense_credit) if cfg.dense_credit else None
+            weight = credit_weight(out.map, cfg.dense_credit) if cfg.dense_credit and out.map is not None else None
+            rewards.add_rollout(hr, traj.sr)
             ks = torch.randperm(K, generator=gen, device=s.device)[:n_k].tolist()
             with torch.no_grad():  # log-probs under the sampling parameters (the "old" policy)
                 old = {k: policy.step_log_prob(lr, traj.states[:, k], k, traj.states[:, k + 1], weight) for k in ks}
@@ -174,14 +178,16 @@ def train(
                 "time/step": time.perf_counter() - t0, **timer.logs()}
         if kls:
             logs["kl"] = sum(kls) / len(kls)
+        logs.update(observe_rewards(rewards, step + 1, logs["reward/mean"]))
         lr, hr, traj, out = rollouts[-1][:4]
-        end_step(s, cfg, step + 1, logs, samples=(lr[::G], traj.sr[::G], hr[::G], _every(out, G)))
+        end_step(s, cfg, step + 1, logs, samples=(lr[::G], traj.sr[::G], hr[::G], _every(out, G)),
+                 extra={"curriculum": rewards.state_dict()})
         if bar:
             bar.update(1)
             bar.set_postfix(reward=f"{logs['reward/mean']:.3f}")
         done += 1
         if stop_after_steps is not None and done >= stop_after_steps and step + 1 < cfg.steps:
-            return finish(s, bar, stopped_at=step + 1)
+            return finish(s, bar, stopped_at=step + 1, extra={"curriculum": rewards.state_dict()})
     return finish(s, bar)
 
 

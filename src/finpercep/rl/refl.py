@@ -35,6 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from finpercep.rl.common import (
+    attach_rewards,
+    check_dense_credit,
+    current_reward,
+    observe_rewards,
     PairData,
     RunConfig,
     StepTimer,
@@ -75,7 +79,7 @@ class ReFLConfig:
 
 def train(
     policy: nn.Module,
-    reward: Reward,
+    reward: Reward | Any,
     data: PairData,
     run: str | Path,
     cfg: RunConfig,
@@ -89,15 +93,15 @@ def train(
     """Fine-tune ``policy`` (pretrained, changed in place) on ``reward`` with ReFL into ``run``
     (resuming whatever is there). Returns ``run / "final"`` (or the newest checkpoint when
     ``stop_after_steps`` ends the call early, for tests of resume)."""
-    if not reward.differentiable:
-        raise ValueError(f"ReFL backpropagates the reward, but {reward.name!r} is not differentiable; "
+    first = current_reward(reward)
+    if not first.differentiable:
+        raise ValueError(f"ReFL backpropagates the reward, but {first.name!r} is not differentiable; "
                          "use --algo dpo or --algo grpo with it, or a differentiable reward (finpercep, l1, ssim, stlpips)")
-    if cfg.dense_credit and not reward.has_map:
-        raise ValueError(f"run.dense_credit needs a reward with a map; {reward.name!r} has none")
+    check_dense_credit(cfg, reward)
     if policy.scale != data.scale:
         raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
     s = start_run(policy, run, meta, cfg, device)
-    reward = reward.to(s.device)
+    rewards = attach_rewards(s, reward)
     multi = is_stochastic(policy)
     per_rank = cfg.batch // s.world
     micro = per_rank // cfg.grad_accum
@@ -107,6 +111,7 @@ def train(
         timer = StepTimer(s.device)
         t0 = time.perf_counter()
         lr_all, hr_all = data.batch(cfg.seed, step, cfg.batch, cfg.crop)
+        reward = rewards.reward  # a curriculum may have moved to another stage
         scores, fids = [], []
         for m in range(cfg.grad_accum):
             a = s.rank * per_rank + m * micro
@@ -128,7 +133,7 @@ def train(
                 r_loss = -algo.reward_weight * out.score.mean()
             with timer("reward_backward"):
                 (g_sr,) = torch.autograd.grad(r_loss, sr_in)
-            if cfg.dense_credit:
+            if cfg.dense_credit and out.map is not None:  # (no map at curriculum stage 0)
                 g_sr = g_sr * credit_weight(out.map, cfg.dense_credit)
             fid = F.l1_loss(sr, hr)
             check_finite(step + 1, s.run, loss=r_loss.detach(), fidelity=fid.detach(), reward_grad=g_sr)
@@ -137,6 +142,7 @@ def train(
                 ((sr * g_sr).sum() + algo.fidelity_weight * fid).div(cfg.grad_accum).backward()
             scores.append(out.score.detach().float())
             fids.append(float(fid.detach()))
+            rewards.add_rollout(hr, sr.detach())
         with timer("optimizer"):
             gn = optimizer_step(s, cfg)
         check_finite(step + 1, s.run, grad_norm=gn)
@@ -146,11 +152,12 @@ def train(
         logs = {"reward/mean": float(sc.mean()), "reward/std": float(sc.std(unbiased=False)),
                 "fidelity/l1": sum(fids) / len(fids), "grad_norm": gn, "time/step": step_time,
                 "time/reward_share": rt / step_time, **timer.logs()}
-        end_step(s, cfg, step + 1, logs, samples=(lr, sr.detach(), hr, out))
+        logs.update(observe_rewards(rewards, step + 1, logs["reward/mean"]))
+        end_step(s, cfg, step + 1, logs, samples=(lr, sr.detach(), hr, out), extra={"curriculum": rewards.state_dict()})
         if bar:
             bar.update(1)
             bar.set_postfix(reward=f"{logs['reward/mean']:.3f}", l1=f"{logs['fidelity/l1']:.4f}")
         done += 1
         if stop_after_steps is not None and done >= stop_after_steps and step + 1 < cfg.steps:
-            return finish(s, bar, stopped_at=step + 1)
+            return finish(s, bar, stopped_at=step + 1, extra={"curriculum": rewards.state_dict()})
     return finish(s, bar)
