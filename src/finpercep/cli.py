@@ -231,6 +231,20 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_hacking(args: argparse.Namespace) -> int:
+    from finpercep.eval.hacking import run_experiment
+    from finpercep.rl import load_rl_config
+
+    cfg = load_rl_config(args.config, steps=args.steps, seed=args.seed)
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    run_experiment(args.algo, args.policy, args.data, args.test_data, args.judge, args.out, cfg, arms=arms,
+                   checkpoint=args.checkpoint, eval_num=args.eval_num, device=args.device, progress=not args.quiet)
+    out = Path(args.out)
+    print((out / "hacking.md").read_text())
+    print(f"table: {out / 'hacking.md'}, curves: {out / 'reward_curves.png'}, crops: {out / 'crops.jpg'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from finpercep.eval.report import render_report
 
@@ -258,6 +272,8 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("policy", "list"): (cmd_policy_list, "list the SR policies by name"),
     ("rl", "train"): (cmd_rl_train, "fine-tune an SR policy against a reward with ReFL, DPO or GRPO"),
     ("rl", "rewards"): (cmd_rl_rewards, "list the rewards a --reward spec can name"),
+    ("experiment", "hacking"): (cmd_experiment_hacking,
+                                "the reward-hacking experiment: one arm per reward (RM_0, NIQE, RM_N, curricula), same budget"),
     ("report", ""): (cmd_report, "write a self-contained HTML report of one or more RL runs"),
 }
 
@@ -267,6 +283,7 @@ GROUP_HELP = {
     "rm": "the FinPercep-RM reward model (PAPER.md sections 1, 3, 4)",
     "policy": "SR policies: real pretrained networks and the project's small ones",
     "rl": "RL fine-tuning of SR policies with a reward (PAPER.md section 5)",
+    "experiment": "experiments that reproduce the paper's claims",
 }
 
 
@@ -371,6 +388,20 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
                        help="weight the update per pixel by the reward's map, strength a (0 = off)")
         p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    elif key == ("experiment", "hacking"):
+        p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"))
+        p.add_argument("--policy", required=True, help="policy name or checkpoint folder")
+        p.add_argument("--data", required=True, help="training data set (finpercep data build)")
+        p.add_argument("--test-data", required=True, help="held-out data set (other photos); its LR/HR pairs are evaluated")
+        p.add_argument("--judge", required=True, help="held-out FinPercep-RM (run or checkpoint folder), never a reward")
+        p.add_argument("--out", required=True, help="experiment folder (one RL run per arm); rerun to resume")
+        p.add_argument("--config", default=None, help="YAML RL config (run, refl/dpo/grpo, curriculum sections)")
+        p.add_argument("--checkpoint", default=None, help="reward-model run for the rewards (default: the shipped one)")
+        p.add_argument("--arms", default=None, help="comma-separated arms (default: all that apply to --algo)")
+        p.add_argument("--steps", type=int, default=None, help="steps per arm (overrides the config)")
+        p.add_argument("--seed", type=int, default=None, help="seed (overrides the config)")
+        p.add_argument("--eval-num", type=int, default=16, help="held-out images evaluated (default: %(default)s)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")
     elif key == ("report", ""):
         p.add_argument("runs", nargs="+", help="RL run folders (finpercep rl train --out RUN)")
         p.add_argument("--out", default="report.html", help="output HTML file (default: %(default)s)")
