@@ -353,7 +353,7 @@ def test_grpo_learns_from_a_varying_reward(pairs, tmp_path):
     assert m["grad_norm"] > 0 and "kl" in m and "reward/group_std" in m
 
 
-def test_grpo_and_dpo_need_a_stochastic_policy(pairs, tmp_path):
+def test_grpo_and_dpo_loops_need_a_stochastic_policy(pairs, tmp_path):
     for algo in ("grpo", "dpo"):
         with pytest.raises(ValueError, match="stochastic"):
             train(algo, tiny_policy(), ToyReward(), pairs, tmp_path / algo, run_cfg())
@@ -464,3 +464,38 @@ def test_cli_curriculum_and_reward_are_exclusive(pairs, tmp_path, tiny_rm_run):
               "--data", str(pairs), "--out", str(tmp_path / "ok"), "--steps", "2", "--batch", "2", "--crop", "32"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_metrics(tmp_path / "ok")[-1]["curriculum/stage"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One-step policies under DPO / GRPO: the Gaussian wrapper
+
+
+def test_gaussian_policy_contract():
+    from finpercep.policies.gaussian import GaussianPolicy, unwrap
+    from finpercep.types import StochasticPolicy
+
+    base = tiny_policy().eval()
+    pol = GaussianPolicy(base, 0.05)
+    assert isinstance(pol, StochasticPolicy) and unwrap(pol) is base and pol.scale == 4
+    lr = torch.rand(2, 3, 8, 8)
+    traj = pol.sample(lr, torch.Generator().manual_seed(0))
+    assert traj.states.shape == (2, 2, 3, 32, 32) and traj.log_probs.shape == (2, 1)
+    lp = pol.step_log_prob(lr, traj.states[:, 0], 0, traj.states[:, 1])
+    assert torch.allclose(lp, traj.log_probs[:, 0], atol=1e-5)
+    assert torch.allclose(pol.step_log_prob(lr, traj.states[:, 0], 0, traj.states[:, 1], torch.ones(2, 1, 32, 32)), lp, atol=1e-5)
+    mean = base(lr)
+    assert (pol.step_log_prob(lr, None, 0, mean) > lp).all()  # the mean is the most likely output
+    assert torch.allclose(pol.predict_sr(lr, None, 0), mean) and pol.denoising_error(lr, mean, None, None).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="sigma"):
+        GaussianPolicy(base, 0.0)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dpo"])
+def test_fine_tune_wraps_a_one_step_policy_for_dpo_and_grpo(pairs, tmp_path, algo):
+    pol = save_policy(tiny_policy(), tmp_path / "tiny")
+    cfg = RLConfig(run=run_cfg(steps=2, lora_rank=2, gaussian_sigma=0.05),
+                   grpo=GRPOConfig(group_size=2), dpo=DPOConfig(group_size=2))
+    final = fine_tune(str(pol), algo, "l1", pairs, tmp_path / "run", cfg, progress=False)
+    tuned = load_policy(final)
+    assert isinstance(tuned, TinySR)  # the checkpoint holds the network, not the wrapper
+    assert not same(params(tuned), params(load_policy(pol)))

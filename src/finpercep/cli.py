@@ -217,7 +217,7 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
     from finpercep.rl import fine_tune, load_rl_config
 
     cfg = load_rl_config(args.config, steps=args.steps, batch=args.batch, lr=args.lr, lora_rank=args.lora_rank,
-                         seed=args.seed, crop=args.crop, dense_credit=args.dense_credit)
+                         seed=args.seed, crop=args.crop, dense_credit=args.dense_credit, gaussian_sigma=args.sigma)
     if args.group_size is not None:
         cfg = replace(cfg, dpo=replace(cfg.dpo, group_size=args.group_size),
                       grpo=replace(cfg.grpo, group_size=args.group_size))
@@ -365,7 +365,8 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
     elif key == ("rl", "train"):
         p.add_argument("--policy", required=True, help="policy name (`finpercep policy list`) or checkpoint folder")
         p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"),
-                       help="refl: reward backprop (any policy); dpo / grpo: stochastic policies (flow-x4)")
+                       help="refl: reward backprop; dpo / grpo: sampled outputs ranked by the reward (flow-x4 "
+                            "samples in K steps; a one-step policy as N(f(lr), sigma^2))")
         p.add_argument("--reward", default=None,
                        help="reward spec, e.g. finpercep, finpercep:2, fused:3, niqe, finpercep+0.5*l1 "
                             "(`finpercep rl rewards`; default: finpercep); not with a --curriculum")
@@ -386,6 +387,8 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--crop", type=int, default=None, help="HR crop size (0 = whole images)")
         p.add_argument("--dense-credit", type=float, default=None,
                        help="weight the update per pixel by the reward's map, strength a (0 = off)")
+        p.add_argument("--sigma", type=float, default=None,
+                       help="dpo / grpo on a one-step policy (realsr-x4 ...): sample N(f(lr), sigma^2) (default: 0.02)")
         p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     elif key == ("experiment", "hacking"):

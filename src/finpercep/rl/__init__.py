@@ -16,6 +16,7 @@ model's current stage, switched by a fixed schedule, automatically, or with onli
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -25,10 +26,12 @@ import yaml
 from finpercep.config import from_dict
 from finpercep.curriculum.schedule import CurriculumConfig
 from finpercep.rl import dpo, grpo, refl
-from finpercep.rl.common import PairData, RunConfig, run_meta
+from finpercep.rl.common import PairData, RunConfig, is_stochastic, run_meta
 from finpercep.rl.dpo import DPOConfig
 from finpercep.rl.grpo import GRPOConfig
 from finpercep.rl.refl import ReFLConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def fine_tune(
     ``finpercep``) when ``cfg.curriculum.mode`` is ``none``, else a
     :class:`finpercep.curriculum.Curriculum` over the stages of the reward-model run
     ``checkpoint`` (``None``: the embedded default); then run ``algo`` on the pairs of the data
-    set ``data`` into ``out``. Returns the final policy checkpoint folder."""
+    set ``data`` into ``out``. DPO and GRPO on a one-step policy sample from it as the Gaussian
+    policy ``N(f(lr), run.gaussian_sigma^2)``. Returns the final policy checkpoint folder."""
     from finpercep.curriculum import Curriculum
     from finpercep.policies import load_policy
     from finpercep.rewards import create_reward
@@ -97,6 +101,11 @@ def fine_tune(
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     pairs = PairData(data)
     net = load_policy(policy)
+    if algo in ("dpo", "grpo") and not is_stochastic(net):
+        from finpercep.policies.gaussian import GaussianPolicy
+
+        log.info("%s is a one-step policy: %s samples from it as N(f(lr), %g^2)", policy, algo, cfg.run.gaussian_sigma)
+        net = GaussianPolicy(net, cfg.run.gaussian_sigma)
     if cfg.curriculum.mode == "none":
         reward = reward or "finpercep"
         rew = create_reward(reward, checkpoint=checkpoint, device=device)

@@ -85,6 +85,10 @@ class RunConfig:
     """Checkpoint every N steps (and at the end); a killed run resumes from the newest."""
     num_samples: int = 4
     """Images in each sample grid."""
+    gaussian_sigma: float = 0.02
+    """DPO / GRPO on a one-step policy (RealSR, Real-ESRGAN, waifu2x, tiny-x4): it is wrapped as
+    the Gaussian policy ``N(f(lr), sigma^2)`` (:mod:`finpercep.policies.gaussian`); the std in
+    [0, 1] pixel units."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "grad_accum"):
@@ -92,6 +96,8 @@ class RunConfig:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
         if self.crop < 0 or self.lora_rank < 0 or self.dense_credit < 0 or self.lr <= 0:
             raise ValueError("run.crop, run.lora_rank and run.dense_credit must be >= 0 and run.lr > 0")
+        if not self.gaussian_sigma > 0:
+            raise ValueError(f"run.gaussian_sigma must be > 0, got {self.gaussian_sigma}")
         if self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0:
             raise ValueError("run.log_every and run.ckpt_every must be >= 1, run.sample_every >= 0")
 
@@ -259,12 +265,9 @@ def save_checkpoint(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, st
                     extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
     """``RUN/ckpt/step_XXXXXXX/`` (policy + trainer state), then ``LATEST``; older ones beyond
     ``keep`` are removed only after the new one is complete."""
-    from finpercep.policies import save_policy
-    from finpercep.policies.lora import has_lora, merge_lora
-
     root = _ckpt_root(run)
     folder = root / f"step_{step:07d}"
-    save_policy(merge_lora(policy) if has_lora(policy) else policy, folder / "policy")
+    save_plain_policy(policy, folder / "policy")
     buf = io.BytesIO()
     torch.save({"step": step, "trainable": trainable_state(policy), "optimizer": opt.state_dict(),
                 "extra": extra or {}}, buf)
@@ -275,6 +278,15 @@ def save_checkpoint(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, st
         if p.name != folder.name:
             shutil.rmtree(p, ignore_errors=True)
     return folder
+
+
+def save_plain_policy(policy: nn.Module, folder: Path) -> Path:
+    """Save the SR network as a plain policy checkpoint: LoRA merged, a Gaussian wrapper removed."""
+    from finpercep.policies import save_policy
+    from finpercep.policies.gaussian import unwrap
+    from finpercep.policies.lora import has_lora, merge_lora
+
+    return save_policy(unwrap(merge_lora(policy) if has_lora(policy) else policy), folder)
 
 
 def latest_checkpoint(run: Path) -> tuple[Path, dict] | None:
@@ -456,10 +468,7 @@ def end_step(s: Session, cfg: RunConfig, step: int, logs: dict[str, float], *,
         if step % cfg.ckpt_every == 0 or last:
             save_checkpoint(s.run, s.policy, s.opt, step, extra)
         if last:
-            from finpercep.policies import save_policy
-            from finpercep.policies.lora import has_lora, merge_lora
-
-            save_policy(merge_lora(s.policy) if has_lora(s.policy) else s.policy, s.run / "final")
+            save_plain_policy(s.policy, s.run / "final")
     if step % cfg.ckpt_every == 0 or last:
         barrier()
 
