@@ -42,7 +42,9 @@ policy's last stochastic choice.
 **The network** works at LR resolution: ``x_t`` and ``u`` are pixel-unshuffled (``s^2`` times the
 channels at ``h x w``), a head convolution, ``num_blocks`` residual blocks whose hidden features
 are modulated by the time embedding (FiLM, Perez et al. 2018: ``h * (1 + gamma(t)) + beta(t)``,
-zero-initialised), a tail convolution and PixelShuffle back to ``(B, 3, H, W)``.
+zero-initialised), a tail convolution and PixelShuffle back to ``(B, 3, H, W)``, minus ``x_t``:
+``v_theta = D_theta(x_t, t, u) - x_t``. At ``t = 0`` the target ``r - eps = r - x_0`` then asks ``D``
+for ``E[r | u]`` alone instead of also copying the unit-variance noise through the network.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ class FlowSR(nn.Module):
         h = self.head(z)
         for block in self.blocks:
             h = block(h, temb)
-        return F.pixel_shuffle(self.tail(F.silu(h)), self.scale)
+        return F.pixel_shuffle(self.tail(F.silu(h)), self.scale) - x  # skip: see the module docstring
 
     def t_of(self, k: int) -> float:
         """``t_k = k / K``."""

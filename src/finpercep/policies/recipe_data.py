@@ -158,7 +158,7 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Callable[[float], None
         return lambda loss: None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
 
     def advance(loss: float) -> None:
         bar.update(1)
