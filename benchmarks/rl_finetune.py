@@ -45,6 +45,8 @@ TIMES = ["policy_forward", "policy_sample", "reward_forward", "reward_backward",
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--refresh-times":
+        return refresh_times(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="row name; the run goes to runs/bench-rl/<name>")
     ap.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"))
@@ -83,9 +85,7 @@ def main() -> None:
     final = fine_tune(args.policy, args.algo, args.reward, args.train_data, run, cfg, device=args.device)
     train_s = time.perf_counter() - t0
     after = evaluate_sr(load_policy(final), test, idx, device=args.device, progress=True)
-    steps = [m for m in read_metrics(run) if m["step"] > 1]  # step 1 includes warm-up costs
-    times = {k: sum(m.get(f"time/{k}", 0.0) for m in steps) / max(1, len(steps)) for k in TIMES}
-    step_time = sum(m["time/step"] for m in steps) / max(1, len(steps))
+    times, step_time = step_times(run)
     curve = read_metrics(run)
     row = {"name": args.name, "algo": args.algo, "policy": args.policy, "reward": args.reward,
            "config": json.loads((run / "run_config.json").read_text())["config"]["run"],
@@ -101,6 +101,27 @@ def main() -> None:
     out.write_text(json.dumps(row, indent=1, sort_keys=True))
     write_table()
     print(f"wrote {out} and {RESULTS / 'rl_finetune.md'}")
+
+
+def step_times(run: Path) -> tuple[dict[str, float], float]:
+    """Median seconds per step of each section and of the whole step, over steps 2..N (step 1
+    includes warm-up; the median is robust to steps slowed by other work on a shared machine)."""
+    import statistics
+
+    steps = [m for m in read_metrics(run) if m["step"] > 1]
+    med = lambda key: statistics.median(m.get(key, 0.0) for m in steps) if steps else 0.0
+    return {k: med(f"time/{k}") for k in TIMES}, med("time/step")
+
+
+def refresh_times(name: str) -> None:
+    """Recompute a finished row's step times from its run's metrics (``--refresh-times NAME``)."""
+    path = RESULTS / "rl" / f"{name}.json"
+    row = json.loads(path.read_text())
+    times, step_time = step_times(ROOT / "runs" / "bench-rl" / name)
+    row.update(time_per_step=times, step_time=step_time,
+               reward_share=(times["reward_forward"] + times["reward_backward"]) / step_time if step_time else None)
+    path.write_text(json.dumps(row, indent=1, sort_keys=True))
+    write_table()
 
 
 def _fmt(v: float | None) -> str:
@@ -124,7 +145,7 @@ def write_table() -> None:
         for tag in ("before", "after"):
             lines.append(f"| {r['name']} | {r['algo']} | {r['policy']} | {r['reward']} | {c['steps']} x {c['batch']}{g} | "
                          f"{c['lora_rank'] or 'full'} | {tag} | " + " | ".join(_fmt(r[tag].get(k)) for k in COLUMNS) + " |")
-    lines += ["", "## Step time (seconds per step, mean over steps 2..N)", "",
+    lines += ["", "## Step time (seconds per step, median over steps 2..N)", "",
               "| run | threads | step | " + " | ".join(TIMES) + " | reward share |", "|" + "---|" * (4 + len(TIMES))]
     for r in rows:
         t = r["time_per_step"]
