@@ -76,3 +76,13 @@ def test_build_check_show_end_to_end(photo_dir, tmp_path):
     assert (tmp_path / "sheet.png").stat().st_size > 1000
     r = run("data", "families")
     assert r.returncode == 0 and "realesrgan" in r.stdout and "procedural" in r.stdout
+
+
+def test_policy_train_and_list(photo_dir, tmp_path):
+    r = run("-q", "policy", "train", "tiny", "--photos", str(photo_dir), "--out", str(tmp_path / "t"), "--steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "t" / "model" / "model.safetensors").exists() and "--policy" in r.stdout
+    r = run("policy", "train", "flow", "--photos", str(tmp_path / "nope"), "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "no such folder" in r.stderr
+    r = run("policy", "list")
+    assert r.stdout.split() == ["realesrgan-x4", "realsr-x4", "waifu2x-photo-x2", "tiny-x4", "flow-x4"]

@@ -202,6 +202,22 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_train(args: argparse.Namespace) -> int:
+    from finpercep.policies.recipe_data import load_yaml_config
+
+    if args.arch == "tiny":
+        from finpercep.policies.tiny import TinyTrainConfig as cfg_cls, train_tiny as train
+    else:
+        from finpercep.policies.flow import FlowTrainConfig as cfg_cls, train_flow as train
+    cfg = load_yaml_config(cfg_cls, args.config, steps=args.steps, seed=args.seed)
+    photos = Path(args.photos)
+    if not photos.is_dir():
+        raise UserError(f"--photos {photos}: no such folder (fetch photos with `finpercep photos fetch`)")
+    folder = train(cfg, photos, Path(args.out), progress=not args.quiet)
+    print(f"trained {args.arch}: {folder} (use it with --policy {folder})")
+    return 0
+
+
 def cmd_rl_rewards(args: argparse.Namespace) -> int:
     from finpercep.rewards import REWARDS
 
@@ -270,6 +286,7 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("rm", "train"): (cmd_rm_train, "train FinPercep-RM stage by stage: RM_0 (global) .. RM_N (fine maps)"),
     ("sr", ""): (cmd_sr, "upscale images with an SR policy (a name or a checkpoint folder), tiled"),
     ("policy", "list"): (cmd_policy_list, "list the SR policies by name"),
+    ("policy", "train"): (cmd_policy_train, "train the small policies (tiny-x4, flow-x4) by the project's recipes"),
     ("rl", "train"): (cmd_rl_train, "fine-tune an SR policy against a reward with ReFL, DPO or GRPO"),
     ("rl", "rewards"): (cmd_rl_rewards, "list the rewards a --reward spec can name"),
     ("experiment", "hacking"): (cmd_experiment_hacking,
@@ -391,6 +408,13 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
                        help="dpo / grpo on a one-step policy (realsr-x4 ...): sample N(f(lr), sigma^2) (default: 0.02)")
         p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    elif key == ("policy", "train"):
+        p.add_argument("arch", choices=("tiny", "flow"), help="tiny (tiny-x4) or flow (flow-x4)")
+        p.add_argument("--photos", required=True, help="folder of training photos, e.g. runs/photos/train")
+        p.add_argument("--out", required=True, help="run folder (the checkpoint goes to OUT/model)")
+        p.add_argument("--config", default=None, help="recipe YAML (configs/policy_tiny.yaml, configs/policy_flow.yaml)")
+        p.add_argument("--steps", type=int, default=None, help="training steps (overrides the config)")
+        p.add_argument("--seed", type=int, default=None, help="seed (overrides the config)")
     elif key == ("experiment", "hacking"):
         p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"))
         p.add_argument("--policy", required=True, help="policy name or checkpoint folder")
