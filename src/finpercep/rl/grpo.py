@@ -162,7 +162,7 @@ def train(
                         if ref:
                             kl = kl_k3(logp, ref[k]).mean()
                             loss = loss + algo.kl_beta * kl
-                            kls.append(float(kl))
+                            kls.append(float(kl.detach()))
                     check_finite(step + 1, s.run, loss=loss.detach())
                     with timer("policy_backward"):
                         (loss / (len(ks) * cfg.grad_accum)).backward()
