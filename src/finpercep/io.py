@@ -156,3 +156,27 @@ def safe_relpath(root: Path, rel: str) -> Path:
         raise ValueError(f"manifest path must be relative and inside its folder, got {rel!r}")
     return root / p
 
+
+
+CKPT_DIR = "ckpt"
+"""Training runs keep their resumable checkpoints in ``RUN/ckpt/<name>/`` (each with a
+``trainer.pt``) and name the newest in ``RUN/ckpt/LATEST``."""
+
+
+def mark_latest_checkpoint(run: Path, folder: Path) -> None:
+    """Point ``RUN/ckpt/LATEST`` at ``folder`` (call it after the folder is complete)."""
+    atomic_write_bytes(Path(run) / CKPT_DIR / "LATEST", folder.name.encode())
+
+
+def latest_checkpoint(run: str | Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint folder of a training run and its trainer state
+    (``trainer.pt``, read with ``weights_only=True``), or None."""
+    import torch
+
+    pointer = Path(run) / CKPT_DIR / "LATEST"
+    if not pointer.exists():
+        return None
+    folder = Path(run) / CKPT_DIR / pointer.read_text().strip()
+    if not (folder / "trainer.pt").exists():
+        return None
+    return folder, torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from finpercep.config import from_dict, to_dict
 from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
-from finpercep.io import atomic_write_bytes, save_json
+from finpercep.io import CKPT_DIR, atomic_write_bytes, latest_checkpoint, mark_latest_checkpoint, save_json
 from finpercep.reward.losses import RMLossConfig, total_loss
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
 
@@ -199,37 +199,21 @@ def split_records(data: Path, val_data: Path | None, cfg: RMTrainConfig) -> tupl
 # ----------------------------------------------------------------------------------------------
 
 
-def _ckpt_root(run: Path) -> Path:
-    return run / "ckpt"
-
-
 def save_checkpoint(run: Path, model: FinPercepRM, opt: torch.optim.Optimizer, stage: int, step: int) -> Path:
     """``RUN/ckpt/s{stage}-{step}/`` + ``LATEST``; older checkpoints are removed afterwards."""
     import io
 
-    root = _ckpt_root(run)
+    root = Path(run) / CKPT_DIR
     folder = root / f"s{stage}-{step:07d}"
     save_pretrained(model, folder)
     buf = io.BytesIO()
     torch.save({"stage": stage, "step": step, "optimizer": opt.state_dict()}, buf)
     atomic_write_bytes(folder / "trainer.pt", buf.getvalue())
-    atomic_write_bytes(root / "LATEST", folder.name.encode())
+    mark_latest_checkpoint(run, folder)
     for old in root.iterdir():
         if old.is_dir() and old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def latest_checkpoint(run: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint of a run and its trainer state, or None."""
-    pointer = _ckpt_root(run) / "LATEST"
-    if not pointer.exists():
-        return None
-    folder = _ckpt_root(run) / pointer.read_text().strip()
-    if not (folder / "trainer.pt").exists():
-        return None
-    state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-    return folder, state
 
 
 def stage_dir(run: Path, k: int) -> Path:

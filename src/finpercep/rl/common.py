@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from finpercep.config import to_dict
-from finpercep.io import atomic_write_bytes, save_json
+from finpercep.io import CKPT_DIR, atomic_write_bytes, latest_checkpoint, mark_latest_checkpoint, save_json
 from finpercep.types import RewardOutput, StochasticPolicy
 
 log = logging.getLogger(__name__)
@@ -239,10 +239,6 @@ def make_reference(policy: nn.Module) -> Callable[[], contextlib.AbstractContext
 # The run folder
 
 
-def _ckpt_root(run: Path) -> Path:
-    return run / "ckpt"
-
-
 def check_run_config(run: Path, meta: dict[str, Any]) -> None:
     """Write ``RUN/run_config.json``, or check that a resumed run was started with the same."""
     path = run / "run_config.json"
@@ -265,14 +261,14 @@ def save_checkpoint(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, st
                     extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
     """``RUN/ckpt/step_XXXXXXX/`` (policy + trainer state), then ``LATEST``; older ones beyond
     ``keep`` are removed only after the new one is complete."""
-    root = _ckpt_root(run)
+    root = Path(run) / CKPT_DIR
     folder = root / f"step_{step:07d}"
     save_plain_policy(policy, folder / "policy")
     buf = io.BytesIO()
     torch.save({"step": step, "trainable": trainable_state(policy), "optimizer": opt.state_dict(),
                 "extra": extra or {}}, buf)
     atomic_write_bytes(folder / "trainer.pt", buf.getvalue())
-    atomic_write_bytes(root / "LATEST", folder.name.encode())
+    mark_latest_checkpoint(run, folder)
     old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for p in old[:-keep]:
         if p.name != folder.name:
@@ -287,17 +283,6 @@ def save_plain_policy(policy: nn.Module, folder: Path) -> Path:
     from finpercep.policies.lora import has_lora, merge_lora
 
     return save_policy(unwrap(merge_lora(policy) if has_lora(policy) else policy), folder)
-
-
-def latest_checkpoint(run: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint of a run and its trainer state, or None."""
-    pointer = _ckpt_root(run) / "LATEST"
-    if not pointer.exists():
-        return None
-    folder = _ckpt_root(run) / pointer.read_text().strip()
-    if not (folder / "trainer.pt").exists():
-        return None
-    return folder, torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
 
 
 def append_metrics(run: Path, rec: dict[str, Any]) -> None:
