@@ -61,11 +61,13 @@ def test_tiny_experiment_end_to_end(pairs96, tmp_path, tiny_rm_run):
     table = (out / "hacking.md").read_text()
     assert "| a-rm0 | global RM_0 |" in table and "| d-fixed |" in table and "pretrained" in table
     assert (out / "reward_curves.png").stat().st_size > 1000 and (out / "crops.jpg").stat().st_size > 1000
-    # rerunning finds every arm done and does not train again
+    # rerunning finds every arm done and does not train again; it can redraw into another folder
     mtime = (out / "a-rm0" / "metrics.jsonl").stat().st_mtime
-    run_experiment("refl", str(pol), pairs96, pairs96, tiny_rm_run, out, cfg, arms=["a-rm0", "d-fixed"],
-                   checkpoint=tiny_rm_run, eval_num=2, progress=False)
+    again = run_experiment("refl", str(pol), pairs96, pairs96, tiny_rm_run, out, cfg, arms=["a-rm0", "d-fixed"],
+                           checkpoint=tiny_rm_run, eval_num=2, results_dir=tmp_path / "docs", progress=False)
     assert (out / "a-rm0" / "metrics.jsonl").stat().st_mtime == mtime
+    assert again["a-rm0"]["eval"] == res["a-rm0"]["eval"]
+    assert {p.name for p in (tmp_path / "docs").iterdir()} == {"results.json", "hacking.md", "reward_curves.png", "crops.jpg"}
     with pytest.raises(ValueError, match="not differentiable"):
         run_experiment("refl", str(pol), pairs96, pairs96, tiny_rm_run, out, cfg, arms=["b-niqe"], progress=False)
     assert list(ARMS) == ["a-rm0", "b-niqe", "c-rmN", "d-fixed", "e-auto", "f-coevolve"]

@@ -254,8 +254,9 @@ def cmd_experiment_hacking(args: argparse.Namespace) -> int:
     cfg = load_rl_config(args.config, steps=args.steps, seed=args.seed)
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     run_experiment(args.algo, args.policy, args.data, args.test_data, args.judge, args.out, cfg, arms=arms,
-                   checkpoint=args.checkpoint, eval_num=args.eval_num, device=args.device, progress=not args.quiet)
-    out = Path(args.out)
+                   checkpoint=args.checkpoint, eval_num=args.eval_num, results_dir=args.results, device=args.device,
+                   progress=not args.quiet)
+    out = Path(args.results or args.out)
     print((out / "hacking.md").read_text())
     print(f"table: {out / 'hacking.md'}, curves: {out / 'reward_curves.png'}, crops: {out / 'crops.jpg'}")
     return 0
@@ -428,6 +429,8 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--steps", type=int, default=None, help="steps per arm (overrides the config)")
         p.add_argument("--seed", type=int, default=None, help="seed (overrides the config)")
         p.add_argument("--eval-num", type=int, default=16, help="held-out images evaluated (default: %(default)s)")
+        p.add_argument("--results", default=None,
+                       help="folder for the table, figures and results.json (default: --out), e.g. docs/results/hacking/refl")
         p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")
     elif key == ("report", ""):
         p.add_argument("runs", nargs="+", help="RL run folders (finpercep rl train --out RUN)")

@@ -89,6 +89,7 @@ def run_experiment(
     arms: list[str] | None = None,
     checkpoint: str | Path | None = None,
     eval_num: int = 16,
+    results_dir: str | Path | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -96,7 +97,9 @@ def run_experiment(
     RL config ``cfg`` (:class:`finpercep.rl.RLConfig`; its ``curriculum`` section sets the
     schedule, the mode is set per arm), evaluate each on the first ``eval_num`` pairs of
     ``test_data`` with the judge (a FinPercep-RM run or checkpoint folder), and write the outputs
-    (module docstring). Resumable: finished arms are not rerun."""
+    (module docstring; the table, figures and a copy of ``results.json`` to ``results_dir`` when
+    given, e.g. ``docs/results/...``). Resumable: finished arms are neither trained nor evaluated
+    again, so a rerun with another ``results_dir`` only redraws."""
     from finpercep.eval.sr_quality import evaluate_sr
     from finpercep.policies import load_policy
     from finpercep.reward.api import load_reward
@@ -139,9 +142,13 @@ def run_experiment(
         (out / arm / "eval.json").write_text(json.dumps(ev, indent=1))
         results[arm] = {"eval": ev, **stability(curve), "what": spec["what"]}
         results_path.write_text(json.dumps(results, indent=1))
-    write_table(results, out / "hacking.md")
-    plot_curves(out, [a for a in names if a in results], out / "reward_curves.png")
-    crops_figure(out, ["pretrained"] + names, policy, test, judge_model, out / "crops.jpg", device=device)
+    dest = Path(results_dir) if results_dir is not None else out
+    dest.mkdir(parents=True, exist_ok=True)
+    if dest != out:
+        (dest / "results.json").write_text(json.dumps(results, indent=1))
+    write_table(results, dest / "hacking.md")
+    plot_curves(out, [a for a in names if a in results], dest / "reward_curves.png")
+    crops_figure(out, ["pretrained"] + names, policy, test, judge_model, dest / "crops.jpg", device=device)
     return results
 
 
