@@ -10,13 +10,15 @@ Then it regenerates ``docs/results/rl_finetune.md`` from all rows there.
 The rows in the docs come from (2 CPU cores; see the table's header for what each ran):
 
     python benchmarks/rl_finetune.py --name refl-realsr --algo refl --policy realsr-x4 \\
-        --config configs/rl_refl_realsr.yaml --train-data runs/fgr-train --test-data runs/fgr-test
+        --config configs/rl_refl_realsr.yaml --train-data runs/fgr-train --test-data runs/fgr-test --threads 1
     python benchmarks/rl_finetune.py --name grpo-flow --algo grpo --policy flow-x4 \\
-        --config configs/rl_flow.yaml --train-data runs/fgr-train --test-data runs/fgr-test
+        --config configs/rl_flow.yaml --train-data runs/fgr-train --test-data runs/fgr-test --threads 1
     python benchmarks/rl_finetune.py --name dpo-flow --algo dpo --policy flow-x4 \\
-        --config configs/rl_flow.yaml --train-data runs/fgr-train --test-data runs/fgr-test
+        --config configs/rl_flow.yaml --train-data runs/fgr-train --test-data runs/fgr-test --threads 1
 
-(``runs/fgr-train`` / ``runs/fgr-test``: ``finpercep data build`` on the train / test photo splits,
+(one thread each, as they ran side by side with other jobs on the 2 cores; the ReFL run was
+paused for a while, its step times were then recomputed with ``--refresh-times refl-realsr``.
+``runs/fgr-train`` / ``runs/fgr-test``: ``finpercep data build`` on the train / test photo splits,
 2400 and 512 samples, seeds 0 and 2; see docs/reward_model.md.)
 """
 
