@@ -22,7 +22,12 @@ demo: setup
 	$(FP) data build --images $(DEMO)/photos/train --out $(DEMO)/fgr --num 64 --workers 2
 	$(FP) data show $(DEMO)/fgr --num 16 --to $(DEMO)/fgr/sheet.png
 	$(FP) score $(DEMO)/fgr/samples/0000/s000000[0-7]_syn.png $(DEMO)/photos/test --overlay $(DEMO)/overlays --maps $(DEMO)/maps
+	$(FP) rl train --policy realsr-x4 --algo refl --data $(DEMO)/fgr --out $(DEMO)/rl --config configs/demo_rl.yaml
+	$(FP) sr $(DEMO)/fgr/units/0000/u000000[0-3]_lr.png --policy $(DEMO)/rl/final --out $(DEMO)/sr
+	$(FP) report $(DEMO)/rl --out $(DEMO)/report.html --title "finpercep demo: curriculum ReFL on RealSR x4"
 	@echo "reward-map overlays: $(DEMO)/overlays/"
+	@echo "fine-tuned RealSR x4: $(DEMO)/rl/final (4 upscaled LR images in $(DEMO)/sr/)"
+	@echo "report: $(abspath $(DEMO))/report.html"
 
 test: setup
 	@bash tools/ensure_chromium.sh
