@@ -431,7 +431,7 @@ def test_refl_with_a_fixed_curriculum_switches_and_resumes(pairs, tmp_path, tiny
     whole = tiny_policy()
     train("refl", whole, make(), pairs, tmp_path / "whole", cfg)
     stages = [m["curriculum/stage"] for m in read_metrics(tmp_path / "whole")]
-    assert stages == [0, 1, 2, 2]  # switched after steps 2 and 3
+    assert stages == [0, 0, 1, 2]  # the stage each step trained on: switched after steps 2 and 3
     part = tiny_policy()
     train("refl", part, make(), pairs, tmp_path / "part", cfg, stop_after_steps=3)
     assert latest_checkpoint(tmp_path / "part")[1]["extra"]["curriculum"]["state"]["stage_index"] == 2

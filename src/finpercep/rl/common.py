@@ -546,5 +546,9 @@ def observe_rewards(src: Any, step: int, reward_mean: float) -> dict[str, float]
     from finpercep.distributed import all_reduce_mean
 
     mean = float(all_reduce_mean(torch.tensor([reward_mean], dtype=torch.float64))[0])
+    trained_on = src.logs().get("curriculum/stage")
     src.observe(step, mean)
-    return src.logs()
+    logs = src.logs()
+    if trained_on is not None:  # log the stage this step trained on, not the one the next step will use
+        logs["curriculum/stage"] = trained_on
+    return logs
