@@ -497,3 +497,26 @@ def test_fine_tune_wraps_a_one_step_policy_for_dpo_and_grpo(pairs, tmp_path, alg
     tuned = load_policy(final)
     assert isinstance(tuned, TinySR)  # the checkpoint holds the network, not the wrapper
     assert not same(params(tuned), params(load_policy(pol)))
+
+
+def test_a_custom_network_fine_tunes_and_its_weights_load_back(pairs, tmp_path):
+    from finpercep.policies import load_policy_checkpoint, load_policy_weights
+
+    class MySR(torch.nn.Module):  # any LR -> SR module with `scale` and `name`
+        scale, name = 4, "my-sr"
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 48, 3, padding=1)
+
+        def forward(self, lr):
+            return torch.nn.functional.pixel_shuffle(self.conv(lr), 4).sigmoid()
+
+    torch.manual_seed(0)
+    net = MySR()
+    final = train("refl", net, ToyReward(), pairs, tmp_path / "run", run_cfg(steps=1, lora_rank=2))
+    with pytest.raises(ValueError, match="load_policy_weights"):
+        load_policy_checkpoint(final)
+    again = load_policy_weights(MySR(), final)
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(again(x), merge_lora(net).eval()(x), atol=1e-6)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+CUSTOM = "custom"
 
 
 def _converted(name: str) -> Callable[..., nn.Module]:
@@ -88,18 +89,23 @@ def list_policies() -> list[str]:
 
 def save_policy(model: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a checkpoint folder (``config.json`` + ``model.safetensors``), atomically
-    file by file. ``dtype`` casts floating tensors (e.g. float16 for a shipped checkpoint)."""
+    file by file. ``dtype`` casts floating tensors (e.g. float16 for a shipped checkpoint).
+
+    A network of :data:`ARCHS` is saved with its config and loads anywhere by path; any other
+    network (a user's own) is saved as ``arch: "custom"`` with its weights only: rebuild it in your
+    code and load them with :func:`load_policy_weights` (nothing in a checkpoint is run as code)."""
     from safetensors.torch import save
 
     from finpercep.config import to_dict
     from finpercep.io import atomic_write_bytes, save_json
 
-    for attr in ("arch", "cfg", "name"):
-        if not hasattr(model, attr):
-            raise ValueError(f"save_policy: {type(model).__name__} has no `{attr}`; it is not a finpercep policy")
-    if model.arch not in _archs():
-        raise ValueError(f"save_policy: unknown arch {model.arch!r}; known: {sorted(_archs())}")
-    meta = {"arch": model.arch, "config": to_dict(model.cfg), "name": model.name, "format_version": FORMAT_VERSION}
+    if getattr(model, "arch", None) in _archs() and hasattr(model, "cfg"):
+        meta = {"arch": model.arch, "config": to_dict(model.cfg), "name": getattr(model, "name", model.arch),
+                "format_version": FORMAT_VERSION}
+    else:  # a user's own network: its weights, and its class name for the record
+        cls = type(model)
+        meta = {"arch": CUSTOM, "config": {}, "name": str(getattr(model, "name", cls.__name__)),
+                "class": f"{cls.__module__}.{cls.__qualname__}", "format_version": FORMAT_VERSION}
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().to("cpu").contiguous()
         for k, v in model.state_dict().items()
@@ -127,6 +133,9 @@ def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device 
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     archs = _archs()
+    if isinstance(meta, dict) and meta.get("arch") == CUSTOM:
+        raise ValueError(f"{folder} holds the weights of a custom network ({meta.get('class')}): build it in your "
+                         "code and call finpercep.policies.load_policy_weights(net, folder)")
     if not isinstance(meta, dict) or meta.get("arch") not in archs:
         raise ValueError(f"{cfg_path}: not a policy config (arch must be one of {sorted(archs)})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -141,6 +150,23 @@ def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device 
         raise ValueError(f"{w_path}: weights do not match {CONFIG_NAME}: {e}") from None
     model.name = str(meta.get("name", model.name))
     return model.to(map_location).eval()
+
+
+def load_policy_weights(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load the weights of a checkpoint folder into ``model`` (strictly; e.g. a custom network's
+    fine-tuned weights from ``RUN/final``). Returns ``model``."""
+    from safetensors.torch import load_file
+
+    w_path = Path(folder) / WEIGHTS_NAME
+    if not w_path.is_file():
+        raise FileNotFoundError(f"not a policy checkpoint: {w_path} is missing")
+    ref = next(iter(model.state_dict().values()), None)
+    state = {k: v.to(ref.dtype) if ref is not None and v.is_floating_point() else v for k, v in load_file(str(w_path)).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{w_path}: weights do not match {type(model).__name__}: {e}") from None
+    return model
 
 
 def load_policy(name_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
