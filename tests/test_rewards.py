@@ -222,6 +222,10 @@ class _Affine:
     def __call__(self, sr, lr=None, hr=None):
         return RewardOutput(score=self.a * self.base(sr, lr, hr).score + self.b)
 
+    def to(self, device):
+        self.base.to(device)
+        return self
+
 
 def _batch(b: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

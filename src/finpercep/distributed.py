@@ -64,6 +64,10 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def destroy() -> None:
+def destroy(sync: bool = True) -> None:
+    """Leave the process group. ``sync``: wait for every process first, so none exits while
+    another still talks to it (on an error path, pass False: the others may never arrive)."""
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

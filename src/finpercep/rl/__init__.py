@@ -117,5 +117,11 @@ def fine_tune(
         rew = Curriculum(cfg.curriculum, checkpoint, device, total_steps=cfg.run.steps, data=data)
     meta = run_meta(algo, policy, reward, data, cfg)
     meta["reward_checkpoint"] = None if checkpoint is None else str(checkpoint)
-    return ALGORITHMS[algo](net, rew, pairs, out, cfg.run, cfg.algo_config(algo), meta=meta, device=device,
-                            progress=progress, stop_after_steps=stop_after_steps)
+    try:
+        return ALGORITHMS[algo](net, rew, pairs, out, cfg.run, cfg.algo_config(algo), meta=meta, device=device,
+                                progress=progress, stop_after_steps=stop_after_steps)
+    except BaseException:
+        from finpercep.distributed import destroy
+
+        destroy(sync=False)  # under torchrun: leave the group so this process can exit with its error
+        raise
