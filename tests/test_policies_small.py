@@ -143,7 +143,7 @@ def test_predict_sr_at_the_final_state_is_the_sample():
     m, lr = flow_model(), lr_batch()
     tr = m.sample(lr, gen(0))
     torch.testing.assert_close(m.predict_sr(lr, tr.states[:, K], K), tr.sr, atol=1e-6, rtol=0)
-    mid = m.predict_sr(lr, tr.states[:, 1], 1)
+    mid = m.predict_sr(lr, tr.states[:, 1], 1).detach()
     assert mid.shape == tr.sr.shape and float(mid.min()) >= 0 and float(mid.max()) <= 1
 
 
