@@ -180,3 +180,25 @@ def latest_checkpoint(run: str | Path) -> tuple[Path, dict] | None:
     if not (folder / "trainer.pt").exists():
         return None
     return folder, torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+
+
+def append_jsonl(path: str | Path, rec: dict[str, Any]) -> None:
+    """Append one JSON object as a line (a training run's ``metrics.jsonl``)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def filter_jsonl(path: str | Path, keep: Any) -> None:
+    """Rewrite a JSON-lines file atomically with only the records for which ``keep(record)`` is
+    true (torn or invalid lines are dropped): on resume, the metrics logged after the checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if keep(json.loads(line)):
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())

@@ -39,7 +39,15 @@ import torch.distributed as dist
 
 from finpercep.config import from_dict, to_dict
 from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
-from finpercep.io import CKPT_DIR, atomic_write_bytes, latest_checkpoint, mark_latest_checkpoint, save_json
+from finpercep.io import (
+    CKPT_DIR,
+    append_jsonl,
+    atomic_write_bytes,
+    filter_jsonl,
+    latest_checkpoint,
+    mark_latest_checkpoint,
+    save_json,
+)
 from finpercep.reward.losses import RMLossConfig, total_loss
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
 
@@ -274,24 +282,13 @@ def _optimizer(model: FinPercepRM, cfg: RMTrainConfig, stage: int) -> torch.opti
 
 
 def _append_metrics(run: Path, rec: dict) -> None:
-    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
+    append_jsonl(run / "metrics.jsonl", rec)
 
 
 def _truncate_metrics(run: Path, stage: int, step: int) -> None:
     """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (r.get("stage", 0), r.get("step", 0)) <= (stage, step) or (r.get("stage", 0) < stage):
-            keep.append(line)
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    filter_jsonl(run / "metrics.jsonl",
+                 lambda r: (r.get("stage", 0), r.get("step", 0)) <= (stage, step) or r.get("stage", 0) < stage)
 
 
 def _check_run_config(run: Path, cfg: RMTrainConfig, data: Path) -> None:

@@ -37,7 +37,15 @@ import torch
 from torch import nn
 
 from finpercep.config import to_dict
-from finpercep.io import CKPT_DIR, atomic_write_bytes, latest_checkpoint, mark_latest_checkpoint, save_json
+from finpercep.io import (
+    CKPT_DIR,
+    append_jsonl,
+    atomic_write_bytes,
+    filter_jsonl,
+    latest_checkpoint,
+    mark_latest_checkpoint,
+    save_json,
+)
 from finpercep.types import RewardOutput, StochasticPolicy
 
 log = logging.getLogger(__name__)
@@ -286,23 +294,12 @@ def save_plain_policy(policy: nn.Module, folder: Path) -> Path:
 
 
 def append_metrics(run: Path, rec: dict[str, Any]) -> None:
-    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
+    append_jsonl(run / "metrics.jsonl", rec)
 
 
 def truncate_metrics(run: Path, step: int) -> None:
     """On resume, drop metric lines logged after the checkpoint's step (they are logged again)."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    filter_jsonl(run / "metrics.jsonl", lambda r: r.get("step", 0) <= step)
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
