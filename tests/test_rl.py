@@ -520,3 +520,10 @@ def test_a_custom_network_fine_tunes_and_its_weights_load_back(pairs, tmp_path):
     again = load_policy_weights(MySR(), final)
     x = torch.rand(1, 3, 8, 8)
     assert torch.allclose(again(x), merge_lora(net).eval()(x), atol=1e-6)
+
+
+def test_dpo_with_an_automatic_curriculum(pairs, tmp_path, tiny_rm_run):
+    cur = curriculum(tiny_rm_run, "auto", stages=(0, 1), window=2, min_steps=1, max_steps=2)
+    train("dpo", flow_policy(), cur, pairs, tmp_path / "run", run_cfg(steps=3, crop=32), DPOConfig(group_size=2))
+    stages = [m["curriculum/stage"] for m in read_metrics(tmp_path / "run")]
+    assert stages[0] == 0 and stages[-1] == 1  # moved on by max_steps at the latest
