@@ -188,6 +188,12 @@ def append_jsonl(path: str | Path, rec: dict[str, Any]) -> None:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped); ``[]`` when it does not exist."""
+    path = Path(path)
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
 def filter_jsonl(path: str | Path, keep: Any) -> None:
     """Rewrite a JSON-lines file atomically with only the records for which ``keep(record)`` is
     true (torn or invalid lines are dropped): on resume, the metrics logged after the checkpoint."""

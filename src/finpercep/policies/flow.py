@@ -348,7 +348,8 @@ def train_flow(cfg: FlowTrainConfig, photos: Path, out: Path, progress: bool = T
     from finpercep.config import to_dict
     from finpercep.io import save_json
     from finpercep.policies import save_policy
-    from finpercep.policies.recipe_data import append_jsonl, cosine_lr, load_photos, progress_bar, sample_batch
+    from finpercep.io import append_jsonl
+    from finpercep.policies.recipe_data import cosine_lr, load_photos, progress_bar, sample_batch
 
     out = Path(out)
     images = load_photos(photos, cfg.crop)

@@ -9,7 +9,6 @@ run) sees the same batches with no sampler state.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -123,12 +122,6 @@ def cosine_lr(step: int, steps: int, base_lr: float, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (a line is small; a kill leaves at most the last line partial)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def load_yaml_config(cls: type, path: str | Path | None, **overrides: Any) -> Any:
     """Dataclass ``cls`` from a YAML file (``yaml.safe_load``; unknown keys are errors), then
     ``overrides`` (``None`` values ignored)."""
@@ -149,7 +142,9 @@ def load_yaml_config(cls: type, path: str | Path | None, **overrides: Any) -> An
 
 def read_metrics(run: str | Path) -> list[dict]:
     """The lines of ``run/metrics.jsonl`` as dicts."""
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from finpercep.io import read_jsonl
+
+    return read_jsonl(Path(run) / "metrics.jsonl")
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Callable[[float], None]:

@@ -44,6 +44,7 @@ from finpercep.io import (
     filter_jsonl,
     latest_checkpoint,
     mark_latest_checkpoint,
+    read_jsonl,
     save_json,
 )
 from finpercep.types import RewardOutput, StochasticPolicy
@@ -303,8 +304,7 @@ def truncate_metrics(run: Path, step: int) -> None:
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return read_jsonl(Path(run) / "metrics.jsonl")
 
 
 def save_samples(run: Path, step: int, lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor,
