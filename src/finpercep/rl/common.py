@@ -372,14 +372,22 @@ class Session:
     world: int
 
 
-def start_run(policy: nn.Module, run: str | Path, meta: dict[str, Any], cfg: RunConfig,
-              device: str = "cpu") -> Session:
-    """Join the process group (torchrun), check/write the run config, put LoRA adapters on
+def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str, Any], cfg: RunConfig,
+              device: str = "cpu", *, needs_samples: str | None = None) -> Session:
+    """Check that ``policy`` fits ``data`` (same scale) and, with ``needs_samples`` (the
+    algorithm's name), that it is a stochastic policy; join the process group (torchrun),
+    check/write the run config, put LoRA adapters on
     ``policy`` (a pretrained policy, changed in place) if asked, build the optimiser and resume
     from the newest checkpoint. The trainable parameters start identical on every process."""
     from finpercep.distributed import barrier, dist_info, init_distributed, local_device
     from finpercep.policies.lora import apply_lora
 
+    if needs_samples and not is_stochastic(policy):
+        raise ValueError(f"{needs_samples} needs a stochastic policy with per-step log-probabilities (flow-x4, or a "
+                         f"one-step network wrapped by finpercep.policies.gaussian.GaussianPolicy as `rl train` does); "
+                         f"{getattr(policy, 'name', type(policy).__name__)!r} is one-step: use --algo refl")
+    if policy.scale != data.scale:
+        raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
     init_distributed(device)
     rank, world = dist_info()
     dev = torch.device(local_device(device))

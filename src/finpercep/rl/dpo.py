@@ -38,7 +38,6 @@ from finpercep.rl.common import (
     check_finite,
     end_step,
     finish,
-    is_stochastic,
     make_reference,
     optimizer_step,
     progress_bar,
@@ -96,14 +95,9 @@ def train(
 ) -> Path:
     """Fine-tune a stochastic ``policy`` (changed in place) with online Diffusion-DPO into ``run``
     (resuming). Returns ``run / "final"`` (or the newest checkpoint when stopped early)."""
-    if not is_stochastic(policy):
-        raise ValueError(f"DPO needs a stochastic multi-step policy (flow-x4 or a checkpoint of it); "
-                         f"{getattr(policy, 'name', type(policy).__name__)!r} is one-step: use --algo refl")
     if cfg.dense_credit:
         raise ValueError("run.dense_credit is implemented for ReFL and GRPO, not DPO")
-    if policy.scale != data.scale:
-        raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
-    s = start_run(policy, run, meta, cfg, device)
+    s = start_run(policy, data, run, meta, cfg, device, needs_samples="DPO")
     rewards = attach_rewards(s, reward)
     reference = make_reference(policy)
     G = algo.group_size

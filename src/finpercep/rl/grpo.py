@@ -44,7 +44,6 @@ from finpercep.rl.common import (
     end_step,
     finish,
     group_advantages,
-    is_stochastic,
     make_reference,
     optimizer_step,
     progress_bar,
@@ -108,13 +107,8 @@ def train(
 ) -> Path:
     """Fine-tune a stochastic ``policy`` (changed in place) with GRPO into ``run`` (resuming).
     Returns ``run / "final"`` (or the newest checkpoint when ``stop_after_steps`` ends early)."""
-    if not is_stochastic(policy):
-        raise ValueError(f"GRPO needs a stochastic multi-step policy with per-step log-probabilities "
-                         f"(flow-x4 or a checkpoint of it); {getattr(policy, 'name', type(policy).__name__)!r} is one-step: use --algo refl")
     check_dense_credit(cfg, reward)
-    if policy.scale != data.scale:
-        raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
-    s = start_run(policy, run, meta, cfg, device)
+    s = start_run(policy, data, run, meta, cfg, device, needs_samples="GRPO")
     rewards = attach_rewards(s, reward)
     reference = make_reference(policy) if algo.kl_beta > 0 else None
     G, K = algo.group_size, policy.num_steps
@@ -145,7 +139,9 @@ def train(
             rewards.add_rollout(hr, traj.sr)
             ks = torch.randperm(K, generator=gen, device=s.device)[:n_k].tolist()
             with torch.no_grad():  # log-probs under the sampling parameters (the "old" policy)
-                old = {k: policy.step_log_prob(lr, traj.states[:, k], k, traj.states[:, k + 1], weight) for k in ks}
+                # the sampler recorded them; with dense credit they are re-weighted, so recompute
+                old = {k: traj.log_probs[:, k] if weight is None else
+                       policy.step_log_prob(lr, traj.states[:, k], k, traj.states[:, k + 1], weight) for k in ks}
                 ref = {}
                 if reference is not None:
                     with reference() as ref_policy:

@@ -98,9 +98,7 @@ def train(
         raise ValueError(f"ReFL backpropagates the reward, but {first.name!r} is not differentiable; "
                          "use --algo dpo or --algo grpo with it, or a differentiable reward (finpercep, l1, ssim, stlpips)")
     check_dense_credit(cfg, reward)
-    if policy.scale != data.scale:
-        raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
-    s = start_run(policy, run, meta, cfg, device)
+    s = start_run(policy, data, run, meta, cfg, device)
     rewards = attach_rewards(s, reward)
     multi = is_stochastic(policy)
     per_rank = cfg.batch // s.world
