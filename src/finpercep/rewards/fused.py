@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from finpercep.rewards.finpercep_rm import FinPercepReward, rm_input
+from finpercep.rewards.finpercep_rm import FinPercepReward
 from finpercep.types import RewardOutput
 
 DEFAULT_TAU = 0.05
@@ -92,10 +92,10 @@ class FusedReward:
                 raise ValueError(f"FusedReward: {label} must be a finite number, got {v!r}")
         if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
             raise ValueError(f"FusedReward: tau must be a finite number > 0, got {tau!r}")
-        self.rm = FinPercepReward(stage, checkpoint, device, model=model)
+        self.name = name or ("fused" if stage is None else f"fused:{stage}")
+        self.rm = FinPercepReward(stage, checkpoint, device, model=model, name=self.name)  # errors name this reward
         self.l1, self.l2, self.tau = float(l1), float(l2), float(tau)
         self.stage = self.rm.stage
-        self.name = name or ("fused" if stage is None else f"fused:{stage}")
         self.has_map = self.rm.has_map
 
     @property
@@ -112,7 +112,7 @@ class FusedReward:
     ) -> RewardOutput:
         """``sr (B, 3, H, W)`` in [0, 1] -> ``RewardOutput(score (B,), map, map_logits)``; ``lr`` and
         ``hr`` are ignored."""
-        out = self.model(rm_input(self.model, sr, self.name))
+        out = self.rm(sr)
         if out.map is None:
             score = self.l1 * out.score + self.l2
         else:
