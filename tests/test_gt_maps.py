@@ -195,6 +195,33 @@ def test_batch_equals_single_calls(mapper: GTMapper, astro: torch.Tensor) -> Non
     assert torch.allclose(mapper(refs[0], dists[0]), both[0], atol=1e-5)
 
 
+def test_a_map_does_not_depend_on_its_batch(mapper: GTMapper, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit-identical maps whatever shares the call: a data set grown in steps (a unit finished with
+    fewer masks) must equal one built at once, on every CPU (AVX2-only kernels round by batch size)."""
+    import finpercep.data.gt_maps as gm
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(1, 3, 40, 48, generator=g)
+    dist = (ref + 0.1 * torch.randn(3, 3, 40, 48, generator=g)).clamp(0, 1)
+    batches: list[int] = []
+
+    def spy(fn):
+        def wrapped(x, *args, **kw):
+            batches.append(x.shape[0])
+            return fn(x, *args, **kw)
+        return wrapped
+
+    for name in ("pixel_distance", "upsample_to", "normalize"):
+        monkeypatch.setattr(gm, name, spy(getattr(gm, name)))
+    monkeypatch.setattr(mapper.net, "features", spy(mapper.net.features))
+    together = mapper(ref, dist)
+    assert batches and set(batches) == {1}  # every step sees one sample
+    for k in range(3):
+        assert torch.equal(together[k], mapper(ref, dist[k : k + 1])[0])
+    assert torch.equal(together[[2, 0]], mapper(ref, dist[[2, 0]]))
+    assert torch.equal(together, mapper(ref.expand(3, -1, -1, -1), dist))  # shared or repeated reference
+
+
 def test_no_gradients_and_deterministic(mapper: GTMapper, astro: torch.Tensor) -> None:
     x = astro[None].clone().requires_grad_(True)
     m1 = mapper(x, _noise(astro, 0.05)[None])

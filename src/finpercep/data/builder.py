@@ -17,6 +17,10 @@ How a build is organised, and why:
   sample, written after the sample's files, each written atomically). A resumed build drops a torn
   last line and rebuilds whatever has no line. When a build completes, the manifest is rewritten
   sorted by id, so the final bytes do not depend on completion order.
+- A write that fails (full disk, read-only folder) stops the build with a
+  :class:`finpercep.io.WriteError` naming the file: every later write would fail the same way.
+  What was written is kept, so freeing space and rerunning resumes. Worker processes exit when
+  the build process dies, even by ``kill -9`` (:func:`_exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import multiprocessing as mp
 import numpy as np
@@ -43,9 +51,11 @@ from finpercep.data.masks import MASK_KINDS, make_mask
 from finpercep.data.sr_zoo import resolve_families
 from finpercep.io import (
     ImageReadError,
+    WriteError,
     atomic_write_bytes,
     list_images,
     read_image,
+    safe_relpath,
     save_json,
     save_npy,
     save_png,
@@ -60,6 +70,25 @@ MANIFEST = "manifest.jsonl"
 DATASET_JSON = "dataset.json"
 BUILD_JSON = "build.json"  # the config a (possibly unfinished) build was started with
 REQUIRED_KEYS = ("id", "hr", "lr", "sr", "syn", "mask", "map_syn", "map_sr", "sr_family", "mask_kind", "mask_area", "seed")
+PATH_KEYS = ("hr", "lr", "sr", "syn", "mask", "map_syn", "map_sr")  # files of a sample, relative to its folder
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside the block into a :class:`~finpercep.io.WriteError` naming ``path``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _put(save: Callable[[Path, Any], None], path: Path, obj: Any) -> None:
+    """``save(path, obj)`` (a :mod:`finpercep.io` writer); any ``OSError`` becomes a
+    :class:`~finpercep.io.WriteError` naming ``path``."""
+    with _writing(path):
+        save(path, obj)
 
 
 @dataclass(frozen=True)
@@ -269,10 +298,10 @@ class UnitBuilder:
         sr = _quantise(sr)
         map_sr = self.mapper(hr[None], sr[None])[0, 0]
         paths = unit_paths(u)
-        save_png(self.out / paths["hr"], hr)
-        save_png(self.out / paths["lr"], lr)
-        save_png(self.out / paths["sr"], sr)
-        save_npy(self.out / paths["map_sr"], map_sr.numpy().astype(np.float32))
+        _put(save_png, self.out / paths["hr"], hr)
+        _put(save_png, self.out / paths["lr"], lr)
+        _put(save_png, self.out / paths["sr"], sr)
+        _put(save_npy, self.out / paths["map_sr"], map_sr.numpy().astype(np.float32))
         meta = {
             "unit": u,
             "photo": photo.rel,
@@ -287,7 +316,7 @@ class UnitBuilder:
             "sr_params": sr_params,
             "map_sr_mean": round(float(map_sr.mean()), 6),
         }
-        save_json(self.out / paths["meta"], meta)  # written last: its presence marks a complete unit
+        _put(save_json, self.out / paths["meta"], meta)  # written last: its presence marks a complete unit
         return hr, sr, meta
 
     def _load_unit(self, u: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
@@ -320,9 +349,9 @@ class UnitBuilder:
         records = []
         for k, i in enumerate(indices):
             sp = sample_paths(i)
-            save_png(self.out / sp["syn"], syn[k])
-            save_png(self.out / sp["mask"], (mask[k, 0].numpy() * 255).astype(np.uint8))
-            save_npy(self.out / sp["map_syn"], map_syn[k, 0].numpy().astype(np.float32))
+            _put(save_png, self.out / sp["syn"], syn[k])
+            _put(save_png, self.out / sp["mask"], (mask[k, 0].numpy() * 255).astype(np.uint8))
+            _put(save_npy, self.out / sp["map_syn"], map_syn[k, 0].numpy().astype(np.float32))
             records.append({
                 "id": sample_id(i),
                 "hr": up["hr"], "lr": up["lr"], "sr": up["sr"], "syn": sp["syn"], "mask": sp["mask"],
@@ -350,10 +379,29 @@ def _families(cfg: BuildConfig, extra: tuple[SRFamily, ...]) -> list[SRFamily]:
 
 # Worker processes: one UnitBuilder each, made once by the initializer.
 _WORKER: UnitBuilder | None = None
+_PARENT_POLL_S = 0.25
 
 
-def _init_worker(cfg: BuildConfig, photos: list[Photo], out: str, device: str, threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Exit this process (status 1) within ``_PARENT_POLL_S`` seconds of its parent ``parent`` dying.
+
+    A build killed with ``kill -9`` cannot shut its pool down, and its workers (~450 MB each) would
+    otherwise live on as orphans. A daemon thread polls ``os.getppid()``, which changes when the
+    parent dies on Linux and macOS. (Linux's ``PR_SET_PDEATHSIG`` is not used: it fires when the
+    *thread* that started the worker ends, and the pool may start workers from a helper thread.)
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(cfg: BuildConfig, photos: list[Photo], out: str, device: str, threads: int, parent: int) -> None:
     global _WORKER
+    _exit_with_parent(parent)  # first: loading the models below takes seconds
     torch.set_num_threads(threads)
     _WORKER = UnitBuilder(cfg, photos, Path(out), device)
 
@@ -383,12 +431,27 @@ class BuildReport:
     complete: bool
 
 
-def read_manifest(out: Path, repair: bool = False) -> list[dict]:
-    """Read ``out/manifest.jsonl``.
+def check_record(rec: Any, required: Sequence[str], where: str) -> None:
+    """Raise ``ValueError`` (one line, starting with ``where``) unless ``rec`` is a manifest record:
+    a JSON object with a string ``id`` and every key of ``required``."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+        got = json.dumps(rec)
+        got = got if len(got) <= 60 else got[:57] + "..."
+        raise ValueError(f"{where}: not a sample record (a JSON object with a string \"id\"), got {got}; "
+                         "fix or delete that line")
+    missing = [k for k in required if k not in rec]
+    if missing:
+        raise ValueError(f"{where}: sample {rec['id']} has missing keys {missing}; fix or delete that line")
+
+
+def read_manifest(out: Path, repair: bool = False, required: Sequence[str] = ()) -> list[dict]:
+    """Read ``out/manifest.jsonl``: one record (dict) per line, each with a string ``id`` and the
+    keys ``required``. ``[]`` when there is no manifest.
 
     Every finished line ends with a newline; bytes after the last newline are a line torn by a
     killed build. They are ignored, and with ``repair`` cut from the file so appends continue on a
-    clean line (the sample they described has no line, so it is rebuilt, identically).
+    clean line (the sample they described has no line, so it is rebuilt, identically). Raises
+    ``ValueError`` naming the file and line for a line that is JSON but not a complete record.
     """
     path = Path(out) / MANIFEST
     if not path.exists():
@@ -400,12 +463,15 @@ def read_manifest(out: Path, repair: bool = False) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             log.warning("%s line %d is not valid JSON; ignored (its sample will be rebuilt)", path, n)
+            continue
+        check_record(rec, required, f"{path} line {n}")
+        records.append(rec)
     if repair and cut < len(data):
         log.warning("dropping a torn last line from %s (an interrupted build)", path)
-        with open(path, "r+b") as f:
+        with _writing(path), open(path, "r+b") as f:
             f.truncate(cut)
     return records
 
@@ -469,11 +535,12 @@ def build_dataset(
     if not photos:
         raise ValueError(f"no usable photo in {images} (need images at least {cfg.crop}x{cfg.crop}; "
                          f"{len(skipped)} skipped)")
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     _check_compatible(out, cfg, shard)
-    save_json(out / BUILD_JSON, {"config": cfg.to_json(), "shard": [si, sn],
-                                 "extra_families": [f.name for f in extra_families],
-                                 "photos": [p.rel for p in photos]})
+    _put(save_json, out / BUILD_JSON, {"config": cfg.to_json(), "shard": [si, sn],
+                                       "extra_families": [f.name for f in extra_families],
+                                       "photos": [p.rel for p in photos]})
 
     done = {r["id"] for r in read_manifest(out, repair=True)}
     todo: dict[int, list[int]] = {}
@@ -495,50 +562,27 @@ def build_dataset(
         from tqdm import tqdm
 
         bar = tqdm(total=share, initial=share - n_todo, desc=f"building {out.name}", unit="sample")
-    with open(out / MANIFEST, "a", encoding="utf-8") as manifest:
+    try:
+        with _writing(out / MANIFEST), open(out / MANIFEST, "a", encoding="utf-8") as manifest:
 
-        def commit(records: list[dict]) -> None:
-            nonlocal built
-            for r in records:
-                manifest.write(json.dumps(r, sort_keys=True) + "\n")
-            manifest.flush()
-            os.fsync(manifest.fileno())
-            built += len(records)
-            if bar:
-                bar.update(len(records))
+            def commit(records: list[dict]) -> None:
+                nonlocal built
+                for r in records:
+                    manifest.write(json.dumps(r, sort_keys=True) + "\n")
+                manifest.flush()
+                os.fsync(manifest.fileno())
+                built += len(records)
+                if bar:
+                    bar.update(len(records))
 
-        if workers == 1 or len(todo) <= 1:
-            # Units always compute with one torch thread: float results can depend on the thread
-            # count, and a data set must not depend on --workers.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                builder = UnitBuilder(cfg, photos, out, device, extra_families) if todo else None
-                for u, idx in todo.items():
-                    try:
-                        commit(builder.build(u, idx))
-                    except Exception as e:  # noqa: BLE001 - report and carry on with other units
-                        log.error("unit %d failed: %s: %s", u, type(e).__name__, e,
-                                  exc_info=log.isEnabledFor(logging.INFO))
-                        failed.append({"unit": u, "error": f"{type(e).__name__}: {e}"})
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(cfg, photos, str(out), device, 1)) as pool:
-                pending = {pool.submit(_run_unit, u, idx): u for u, idx in todo.items()}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        u = pending.pop(fut)
-                        try:
-                            commit(fut.result())
-                        except Exception as e:  # noqa: BLE001
-                            log.error("unit %d failed: %s: %s", u, type(e).__name__, e)
-                            failed.append({"unit": u, "error": f"{type(e).__name__}: {e}"})
-    if bar:
-        bar.close()
+            if workers == 1 or len(todo) <= 1:
+                _build_here(UnitBuilder(cfg, photos, out, device, extra_families) if todo else None,
+                            todo, commit, failed)
+            else:
+                _build_in_workers(cfg, photos, out, device, workers, todo, commit, failed)
+    finally:
+        if bar:
+            bar.close()
 
     records = read_manifest(out)
     mine = {sample_id(i) for u in range(si, cfg.num_units, sn)
@@ -547,16 +591,70 @@ def build_dataset(
     complete = len(records) == len(mine)
     if complete:
         _write_sorted_manifest(out, records)
-        save_json(out / DATASET_JSON, dataset_info(cfg, shard, records, skipped, photos, extra_families))
+        _put(save_json, out / DATASET_JSON, dataset_info(cfg, shard, records, skipped, photos, extra_families))
     seconds = time.perf_counter() - t0
-    save_json(out / "build_stats.json", {"seconds_last_run": round(seconds, 2), "built_last_run": built,
-                                         "workers": workers, "failed_units": failed})
+    _put(save_json, out / "build_stats.json", {"seconds_last_run": round(seconds, 2), "built_last_run": built,
+                                               "workers": workers, "failed_units": failed})
     return BuildReport(out, len(mine), len(records), built, failed, skipped, len(photos), seconds, complete)
+
+
+def _build_here(builder: UnitBuilder | None, todo: dict[int, list[int]],
+                commit: Callable[[list[dict]], None], failed: list[dict]) -> None:
+    """Build the units ``todo`` (unit -> sample indices) in this process, committing each.
+
+    A unit that fails is logged and appended to ``failed``; a :class:`WriteError` stops the build.
+    """
+    # Units always compute with one torch thread: float results can depend on the thread count,
+    # and a data set must not depend on --workers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for u, idx in todo.items():
+            assert builder is not None
+            try:
+                records = builder.build(u, idx)
+            except WriteError:
+                raise
+            except Exception as e:  # noqa: BLE001 - report and carry on with other units
+                log.error("unit %d failed: %s: %s", u, type(e).__name__, e, exc_info=log.isEnabledFor(logging.INFO))
+                failed.append({"unit": u, "error": f"{type(e).__name__}: {e}"})
+                continue
+            commit(records)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_in_workers(cfg: BuildConfig, photos: list[Photo], out: Path, device: str, workers: int,
+                      todo: dict[int, list[int]], commit: Callable[[list[dict]], None], failed: list[dict]) -> None:
+    """:func:`_build_here` with the units spread over ``workers`` processes (one torch thread each).
+
+    The workers exit if this process dies (:func:`_exit_with_parent`). On a :class:`WriteError` the
+    units not started yet are cancelled; the running ones finish (or fail) first.
+    """
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(cfg, photos, str(out), device, 1, os.getpid())) as pool:
+        pending = {pool.submit(_run_unit, u, idx): u for u, idx in todo.items()}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                u = pending.pop(fut)
+                try:
+                    records = fut.result()
+                except WriteError:
+                    for other in pending:
+                        other.cancel()
+                    raise
+                except Exception as e:  # noqa: BLE001 - report and carry on with other units
+                    log.error("unit %d failed: %s: %s", u, type(e).__name__, e)
+                    failed.append({"unit": u, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                commit(records)
 
 
 def _write_sorted_manifest(out: Path, records: list[dict]) -> None:
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write_bytes(out / MANIFEST, text.encode())
+    _put(atomic_write_bytes, out / MANIFEST, text.encode())
 
 
 def dataset_info(cfg: BuildConfig, shard: tuple[int, int], records: list[dict], skipped: list[dict],
@@ -581,14 +679,30 @@ def dataset_info(cfg: BuildConfig, shard: tuple[int, int], records: list[dict], 
     }
 
 
+def sample_file(root: Path, rec: dict, key: str) -> Path:
+    """The file ``rec[key]`` of manifest record ``rec`` of the data set in ``root``.
+
+    Raises ``ValueError`` naming the manifest and sample when the path is not a string, is absolute
+    or leaves ``root`` (``..``): a manifest never makes us read or write outside its folder.
+    """
+    rel = rec[key]
+    if not isinstance(rel, str):
+        raise ValueError(f"{root / MANIFEST} sample {rec['id']}: {key} must be a path string, got {rel!r}")
+    try:
+        return safe_relpath(root, rel)
+    except ValueError as e:
+        raise ValueError(f"{root / MANIFEST} sample {rec['id']}: {key}: {e}") from None
+
+
 def merge_datasets(parts: list[str | Path], out: str | Path, *, link: bool = True) -> int:
     """Join finished shard folders (``--shard I/N`` builds) into one data set in ``out``.
 
     Files are hard-linked when possible (copied otherwise). All parts must come from the same config;
     the union of all N shards equals an unsharded build byte for byte. Returns the sample count.
+    Every part's manifest is checked before anything is written: a path that leaves its part
+    (``ValueError``) or a missing file (``FileNotFoundError``) stops the merge with nothing written.
+    A failed write raises :class:`WriteError`; rerunning the merge continues it.
     """
-    import shutil
-
     out = Path(out)
     infos = []
     for p in parts:
@@ -604,26 +718,22 @@ def merge_datasets(parts: list[str | Path], out: str | Path, *, link: bool = Tru
     if len(set(shards)) != len(shards):
         raise ValueError(f"the same shard appears twice among the parts: {shards}")
     by_id: dict[str, dict] = {}
+    files: dict[Path, Path] = {}  # relative path -> source file
     for p, _ in infos:
-        for r in read_manifest(p):
-            for key in ("hr", "lr", "sr", "syn", "mask", "map_syn", "map_sr"):
-                src, dst = p / r[key], out / r[key]
-                if dst.exists():
-                    continue
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    if not link:
-                        raise OSError
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copyfile(src, dst)
+        for r in read_manifest(p, required=PATH_KEYS):
+            for key in PATH_KEYS:
+                src = sample_file(p, r, key)
+                if not src.is_file():
+                    raise FileNotFoundError(f"{src}: listed by {p / MANIFEST} (sample {r['id']}) but missing; "
+                                            "finish or rebuild that part")
+                files.setdefault(src.relative_to(p), src)
             by_id[r["id"]] = r
-    for p, _ in infos:  # unit meta files travel too (resume and provenance)
-        for meta in (p / "units").rglob("*_meta.json"):
-            dst = out / meta.relative_to(p)
-            if not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(meta, dst)
+        for meta in (p / "units").rglob("*_meta.json"):  # unit meta files travel too (resume, provenance)
+            if not meta.is_symlink():
+                files.setdefault(meta.relative_to(p), meta)
+    for rel, src in files.items():
+        if not (out / rel).exists():
+            _link_or_copy(src, out / rel, link)
     records = sorted(by_id.values(), key=lambda r: r["id"])
     _write_sorted_manifest(out, records)
     cfg = BuildConfig.from_json(infos[0][1]["config"])
@@ -633,8 +743,21 @@ def merge_datasets(parts: list[str | Path], out: str | Path, *, link: bool = Tru
     if not full:  # some shards still missing: say which are here
         info["shard"] = None
         info["merged_from"] = [list(s) for s in shards]
-    save_json(out / DATASET_JSON, info)
+    _put(save_json, out / DATASET_JSON, info)
     if full:
-        save_json(out / BUILD_JSON, {"config": cfg.to_json(), "shard": [0, 1], "extra_families": [],
-                                     "photos": info["photos"]})
+        _put(save_json, out / BUILD_JSON, {"config": cfg.to_json(), "shard": [0, 1], "extra_families": [],
+                                           "photos": info["photos"]})
     return len(records)
+
+
+def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
+    """Hard-link ``src`` as ``dst`` when ``link`` and possible, else copy it; raises :class:`WriteError`."""
+    with _writing(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass  # another file system, or no hard links: copy
+        shutil.copyfile(src, dst)

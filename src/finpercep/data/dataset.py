@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from finpercep.data.builder import DATASET_JSON, MANIFEST, REQUIRED_KEYS, read_manifest
-from finpercep.io import load_npy, read_image, safe_relpath, to_tensor
+from finpercep.data.builder import DATASET_JSON, MANIFEST, REQUIRED_KEYS, check_record, read_manifest, sample_file
+from finpercep.io import load_npy, read_image, to_tensor
 
 IMAGE_KEYS = ("hr", "lr", "sr", "syn")
 MAP_KEYS = ("map_syn", "map_sr")
@@ -33,6 +33,10 @@ class FGRDataset(Dataset):
 
     ``families`` / ``exclude_families`` select samples by SR family (e.g. to hold a family out);
     ``records`` replaces the manifest's records (a subset of them, e.g. a validation split).
+
+    Errors (``ValueError``, one line): a manifest line that is not a record with ``id``,
+    ``sr_family`` and ``keys`` (naming file and line), a path leaving ROOT, and, when an item is
+    read, a map with NaN, infinite or out-of-[0, 1] values (naming the sample and file).
     """
 
     def __init__(
@@ -51,7 +55,11 @@ class FGRDataset(Dataset):
         if bad:
             raise ValueError(f"unknown keys {bad}; valid: {sorted(valid)}")
         self.keys = tuple(keys)
-        records = read_manifest(self.root) if records is None else records
+        required = ("sr_family", *self.keys)
+        if records is None:
+            records = read_manifest(self.root, required=required)
+        for n, rec in enumerate(records):
+            check_record(rec, required, f"{self.root}: records[{n}]")
         if families is not None:
             records = [r for r in records if r["sr_family"] in set(families)]
         self.records = [r for r in records if r["sr_family"] not in set(exclude_families)]
@@ -65,14 +73,27 @@ class FGRDataset(Dataset):
         r = self.records[idx]
         item: dict[str, Any] = {"meta": r}
         for k in self.keys:
-            path = safe_relpath(self.root, r[k])
+            path = sample_file(self.root, r, k)
             if k in IMAGE_KEYS:
                 item[k] = to_tensor(read_image(path)[0])
             elif k == "mask":
                 item[k] = torch.from_numpy(np.asarray(_read_grey(path), dtype=np.float32) / 255.0)[None]
             else:
-                item[k] = torch.from_numpy(load_npy(path).astype(np.float32, copy=False))[None]
+                item[k] = torch.from_numpy(_read_map(path, r["id"], k))[None]
         return item
+
+
+def _read_map(path: Path, sample: str, key: str) -> np.ndarray:
+    """A ground-truth map file as float32 ``(H, W)``; ``ValueError`` unless its values are finite
+    and in [0, 1] (a corrupt map must not reach training, where one NaN spoils every weight)."""
+    m = load_npy(path).astype(np.float32, copy=False)
+    rebuild = "rebuild the sample (delete its manifest line and rerun `finpercep data build`)"
+    if not np.isfinite(m).all():
+        raise ValueError(f"sample {sample}: {key} {path} contains NaN or infinite values; {rebuild}")
+    if m.size and (m.min() < 0 or m.max() > 1):
+        raise ValueError(f"sample {sample}: {key} {path} has values in [{m.min():.3g}, {m.max():.3g}], "
+                         f"outside [0, 1]; {rebuild}")
+    return m
 
 
 def _read_grey(path: Path) -> np.ndarray:
@@ -103,7 +124,10 @@ def check_dataset(root: str | Path, limit: int | None = None) -> list[str]:
         return [f"no {MANIFEST} in {root}"]
     if not (root / DATASET_JSON).exists():
         problems.append(f"no {DATASET_JSON} (unfinished build?)")
-    records = read_manifest(root)
+    try:
+        records = read_manifest(root)
+    except ValueError as e:  # a line that is not a record: nothing after it can be trusted
+        return problems + [str(e)]
     ids = [r.get("id") for r in records]
     if len(set(ids)) != len(ids):
         problems.append("duplicate sample ids in the manifest")
@@ -114,9 +138,9 @@ def check_dataset(root: str | Path, limit: int | None = None) -> list[str]:
             problems.append(f"{sid}: missing keys {missing}")
             continue
         try:
-            imgs = {k: read_image(safe_relpath(root, r[k]))[0] for k in IMAGE_KEYS}
-            mask = _read_grey(safe_relpath(root, r["mask"]))
-            maps = {k: load_npy(safe_relpath(root, r[k])) for k in MAP_KEYS}
+            imgs = {k: read_image(sample_file(root, r, k))[0] for k in IMAGE_KEYS}
+            mask = _read_grey(sample_file(root, r, "mask"))
+            maps = {k: load_npy(sample_file(root, r, k)) for k in MAP_KEYS}
         except (OSError, ValueError) as e:
             problems.append(f"{sid}: {e}")
             continue

@@ -218,7 +218,8 @@ class GTMapper:
 
     ``GTMapper(cfg, device)(ref, dist)``: ``(B, 3, H, W)`` x2 in [0, 1] (or ``(3, H, W)`` x2)
     -> ``(B, 1, H, W)`` (or ``(1, H, W)``) float32 in [0, 1], on the inputs' device. Any
-    ``H, W >= 1``; no gradients. Both images go through the network in one batch.
+    ``H, W >= 1``; no gradients. Each pair is computed on its own (batch 1), so a map is the
+    same, bit for bit, whatever else is in the batch.
 
     ``backbone``: an EfficientNet-Lite0 to copy (e.g. one already loaded); by default the
     shipped ImageNet weights are loaded. The mapper keeps its own frozen, eval-mode copy, so a
@@ -266,22 +267,36 @@ class GTMapper:
         return m[0] if squeeze else m
 
     def _map(self, ref: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """``(B or 1, 3, H, W)``, ``(B, 3, H, W)`` float32 on ``self.device`` -> ``(B, 1, H, W)``.
+
+        One sample at a time, each in its own fresh batch-1 tensor: CPU kernels (the upsampling's
+        matrix products, the convolutions, the reductions) may pick other blockings for other batch
+        sizes, or other alignments, and round differently in the last bits (seen on AVX2-only AMD
+        CPUs). So a sample's map never depends on how many others share the call, and a data set
+        grown in steps or resumed writes the same bytes as one built at once.
+        """
+        shared = self._features(ref[:1].clone()) if len(ref) == 1 and self.net is not None else None
+        maps = []
+        for i in range(len(dist)):
+            r = ref[:1] if len(ref) == 1 else ref[i : i + 1]
+            maps.append(self._map_one(r.clone(), dist[i : i + 1].clone(), shared))
+        return torch.cat(maps)
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The ``cfg.layers`` stage outputs of one image ``(1, 3, H, W)``."""
+        assert self.net is not None
+        feats = self.net.features(x, last_stage=max(self.cfg.layers))
+        return [feats[s] for s in self.cfg.layers]
+
+    def _map_one(self, ref: torch.Tensor, dist: torch.Tensor, f_ref: list[torch.Tensor] | None) -> torch.Tensor:
+        """``M_gt`` of one pair ``(1, 3, H, W)`` x2 -> ``(1, 1, H, W)``; ``f_ref``: the reference's
+        features when already computed (a reference shared by a batch is encoded once)."""
         cfg = self.cfg
         d_pix = pixel_distance(ref, dist)
         if cfg.pixel_only:
             return normalize(d_pix, cfg.pixel_only_tau, cfg.gamma)
-        assert self.net is not None
-        _, _, H, W = dist.shape
+        f_ref = self._features(ref) if f_ref is None else f_ref
         strides = tuple(STAGES[s][0] for s in cfg.layers)
-
-        def encode(x: torch.Tensor) -> list[torch.Tensor]:
-            # One image per forward pass: a map never depends on which other images shared the
-            # batch (CPU kernels may pick other algorithms for other batch sizes), so a resumed
-            # build writes the same bytes as an uninterrupted one.
-            per_image = [self.net.features(x[i : i + 1], last_stage=max(cfg.layers)) for i in range(len(x))]
-            return [torch.cat([f[s] for f in per_image]) for s in cfg.layers]
-
-        # A reference shared by the whole batch (ref batch of 1) is encoded once.
-        f_ref = [f.expand(len(dist), -1, -1, -1) for f in encode(ref)]
-        d_feat = feature_distance(f_ref, encode(dist), (H, W), strides=strides, weights=cfg.layer_weights)
+        d_feat = feature_distance(f_ref, self._features(dist), tuple(dist.shape[-2:]), strides=strides,
+                                  weights=cfg.layer_weights)
         return normalize(cfg.alpha * d_pix + (1 - cfg.alpha) * d_feat, cfg.tau, cfg.gamma)

@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from finpercep.data import builder
-from finpercep.data.builder import MANIFEST, REQUIRED_KEYS
-from finpercep.io import load_image, load_npy, read_image, safe_relpath, save_png
+from finpercep.data.builder import MANIFEST, REQUIRED_KEYS, sample_file
+from finpercep.io import load_image, load_npy, read_image, save_png
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,16 @@ def heatmap_overlay(img: torch.Tensor, heat: torch.Tensor | np.ndarray, alpha: f
 
 def read_manifest(dataset_dir: Path) -> list[dict[str, Any]]:
     """Records of ``dataset_dir/manifest.jsonl`` (read by the builder's reader: a torn last line of a
-    running build is skipped), checked for the contract's keys; a missing or empty manifest is an error."""
+    running build is skipped), checked for the contract's keys.
+
+    Raises ``FileNotFoundError`` when there is no manifest, ``ValueError`` (one line) when it is
+    empty or a line is not a record with every key of ``REQUIRED_KEYS`` (naming file and line)."""
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {dataset_dir} is not an FGR data set (build one with `finpercep data build`)"
         )
-    records = builder.read_manifest(Path(dataset_dir))
-    for rec in records:
-        missing = [k for k in REQUIRED_KEYS if k not in rec]
-        if missing:
-            raise ValueError(f"{path} sample {rec.get('id', '?')}: missing keys {missing}")
+    records = builder.read_manifest(Path(dataset_dir), required=REQUIRED_KEYS)
     if not records:
         raise ValueError(f"{path} has no samples")
     return records
@@ -154,11 +153,11 @@ def _row_label(rec: dict[str, Any]) -> str:
 
 def _row_tiles(root: Path, rec: dict[str, Any], tile: int, font: Any) -> list[Image.Image]:
     """The four tiles of one row, each ``tile`` x ``tile`` (images letterboxed to keep aspect)."""
-    hr = load_image(safe_relpath(root, rec["hr"]))
-    sr = load_image(safe_relpath(root, rec["sr"]))
-    syn = load_image(safe_relpath(root, rec["syn"]))
-    mask_arr, _ = read_image(safe_relpath(root, rec["mask"]))
-    heat = load_npy(safe_relpath(root, rec["map_syn"]))
+    hr = load_image(sample_file(root, rec, "hr"))
+    sr = load_image(sample_file(root, rec, "sr"))
+    syn = load_image(sample_file(root, rec, "syn"))
+    mask_arr, _ = read_image(sample_file(root, rec, "mask"))
+    heat = load_npy(sample_file(root, rec, "map_syn"))
     size = tuple(syn.shape[1:])
     for key, t in (("hr", hr), ("sr", sr)):
         if tuple(t.shape[1:]) != size:
