@@ -1,12 +1,15 @@
 """The ``finpercep`` command. Subcommands map to library functions in one literal dict (COMMANDS).
 
 The CLI is a thin shell: it parses, sets up logging and progress bars, calls the library, prints a
-summary, and turns user errors into one clear line (exit status 2) instead of a traceback.
+summary, and turns user errors into one clear line (exit status 2) instead of a traceback; so too
+errors of the system (disk full, read-only file system, no permission): one line
+``finpercep: error: <what>: <path> (<strerror>)``, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -18,6 +21,27 @@ log = logging.getLogger("finpercep")
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def _output_folder(option: str, value: str | None) -> Path | None:
+    """``value`` as an output folder, or None when not given. Raises UserError when it names an
+    existing file (the outputs go inside it, so it must be a folder or not exist yet)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, but a folder is expected (its outputs go inside); pass a folder")
+    return path
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OSError from the system: ``<what>: <path> (<strerror>)``."""
+    from finpercep.io import WriteError
+
+    writing = isinstance(e, WriteError) or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+    what = "cannot write" if writing else "cannot access"
+    where = f": {e.filename}" if e.filename is not None else ""
+    return f"{what}{where} ({e.strerror or e})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +72,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     from finpercep.data.builder import BuildConfig, build_dataset, parse_shard
     from finpercep.data.gt_maps import GTMapConfig
+    from finpercep.io import WriteError
 
     if args.num is None or args.num < 1:
         raise UserError(f"--num must be a positive number of samples, got {args.num}")
@@ -69,8 +94,13 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         mask_area=(args.min_area, args.max_area),
         gt_map=gt,
     )
-    rep = build_dataset(images, Path(args.out), cfg, workers=args.workers, shard=parse_shard(args.shard),
-                        device=args.device, progress=not args.quiet)
+    try:
+        rep = build_dataset(images, Path(args.out), cfg, workers=args.workers, shard=parse_shard(args.shard),
+                            device=args.device, progress=not args.quiet)
+    except WriteError as e:  # disk full or read-only: what is written is kept, a rerun resumes
+        print(f"finpercep: error: data build stopped: cannot write {e.filename} ({e.strerror}); "
+              "free space (or make it writable) and rerun to resume", file=sys.stderr)
+        return 1
     rate = rep.built_now / rep.seconds if rep.seconds > 0 else 0.0
     print(f"{rep.out}: {rep.done}/{rep.requested} samples ({rep.built_now} built now, "
           f"{rep.done - rep.built_now} already there) in {rep.seconds:.1f} s ({rate:.2f} samples/s)")
@@ -87,8 +117,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_data_merge(args: argparse.Namespace) -> int:
     from finpercep.data.builder import merge_datasets
+    from finpercep.io import WriteError
 
-    n = merge_datasets([Path(p) for p in args.parts], Path(args.out), link=not args.copy)
+    try:
+        n = merge_datasets([Path(p) for p in args.parts], Path(args.out), link=not args.copy)
+    except WriteError as e:
+        print(f"finpercep: error: data merge stopped: cannot write {e.filename} ({e.strerror}); "
+              "free space (or make it writable) and rerun to resume", file=sys.stderr)
+        return 1
     print(f"{args.out}: {n} samples merged from {len(args.parts)} parts")
     return 0
 
@@ -106,9 +142,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from finpercep.data.dataset import check_dataset
 
     problems = check_dataset(Path(args.dataset), limit=args.limit)
-    n = len(read_manifest(Path(args.dataset)))
     for p in problems:
         print(p)
+    try:
+        n = str(len(read_manifest(Path(args.dataset))))
+    except ValueError:  # an unreadable manifest line, already listed among the problems
+        n = "?"
     print(f"{args.dataset}: {n} samples, {len(problems)} problems")
     return 1 if problems else 0
 
@@ -164,9 +203,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from finpercep.reward.api import load_reward
     from finpercep.reward.score import run_score
 
+    maps_dir, overlay_dir = _output_folder("--maps", args.maps), _output_folder("--overlay", args.overlay)
     model = load_reward(args.checkpoint, args.stage, args.device)
-    return run_score(args.paths, model, json_out=args.json, maps_dir=Path(args.maps) if args.maps else None,
-                     overlay_dir=Path(args.overlay) if args.overlay else None, progress=not args.quiet)
+    return run_score(args.paths, model, json_out=args.json, maps_dir=maps_dir, overlay_dir=overlay_dir,
+                     progress=not args.quiet)
 
 
 def cmd_rm_export(args: argparse.Namespace) -> int:
@@ -189,8 +229,11 @@ def cmd_sr(args: argparse.Namespace) -> int:
     from finpercep.policies import load_policy
     from finpercep.policies.upscale import run_sr
 
+    if args.context < 0:
+        raise UserError(f"--context must be >= 0 LR pixels, got {args.context}")
+    out = _output_folder("--out", args.out)
     policy = load_policy(args.policy, args.device)
-    return run_sr(args.paths, policy, Path(args.out), tile=args.tile, context=args.context, device=args.device,
+    return run_sr(args.paths, policy, out, tile=args.tile, context=args.context, device=args.device,
                   progress=not args.quiet)
 
 
@@ -265,6 +308,8 @@ def cmd_experiment_hacking(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from finpercep.eval.report import render_report
 
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: is a folder, but the report is one HTML file; pass e.g. {Path(args.out) / 'report.html'}")
     out = render_report([Path(r) for r in args.runs], Path(args.out), title=args.title)
     print(f"report: {out.resolve()}")
     return 0
@@ -484,9 +529,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (UserError, ValueError) as e:
         print(f"finpercep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno is None:  # raised by finpercep with its own message, e.g. "checkpoint not found: ..."
+            print(f"finpercep: error: {e}", file=sys.stderr)
+            return 2
+        # From the system: disk full, read-only file system, no permission, ...
+        print(f"finpercep: error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("finpercep: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

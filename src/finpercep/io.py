@@ -1,35 +1,55 @@
 """Images and arrays in and out, robustly and atomically.
 
 Conventions (STYLE.md): in memory an image is a float32 tensor ``(3, H, W)`` in [0, 1], RGB;
-on disk it is an 8-bit RGB PNG. Every write goes to a temporary name in the same folder and is
-renamed into place, so a killed job never leaves a half-written file behind.
+on disk it is an 8-bit RGB (or RGBA) PNG. Every write goes to a temporary name in the same folder
+(``.NAME.<host>-<pid>.<random>.tmp``) and is renamed into place, so a killed job never leaves a
+half-written file behind; the temporaries a killed job leaves are removed by the next write into
+that folder (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
-# Pillow refuses images above ~179 MP by default (decompression-bomb guard). Real photos can be
-# large (a 6028x3391 wallpaper is 20 MP), so allow up to 256 MP and refuse beyond with a message.
-Image.MAX_IMAGE_PIXELS = 256_000_000
+MAX_PIXELS = 256_000_000
+"""Largest image :func:`read_image` decodes, in pixels (width x height), checked from the file's
+header before decoding. Pillow refuses ~179 MP by default (decompression-bomb guard), but real photos
+can be large (a 6028x3391 wallpaper is 20 MP), so up to 256 MP are allowed; a 256 MP image already
+takes 0.8 GB as 8-bit RGB and 3 GB as a float32 tensor."""
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own guard stays as a backstop (it raises only above 2x)
+
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageReadError(ValueError):
     """An image file could not be read; the message says why and what to do."""
+
+
+class WriteError(OSError):
+    """Writing a file failed (disk full, read-only file system, no permission, ...).
+
+    ``errno`` and ``strerror`` are the system's; ``filename`` is the file the caller asked for,
+    never the temporary name it was being written under."""
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -40,44 +60,110 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """Read any common image file as 8-bit RGB.
+# ---------------------------------------------------------------------------------------------
+# Reading images
 
-    Returns ``(array (H, W, 3) uint8, notes)`` where ``notes`` says what was converted
-    (grey, palette, alpha, 16-bit). Raises :class:`ImageReadError` for unreadable files.
-    """
-    path = Path(path)
+
+def _too_large(path: Path, size: str) -> ImageReadError:
+    return ImageReadError(
+        f"{path}: image is {size}, above the {MAX_PIXELS // 1_000_000} MP limit; downscale or crop it first"
+    )
+
+
+def _to_8bit_grey(im: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image as 8-bit ``L`` (floats in [0, 1] or scaled by their
+    maximum). Raises ImageReadError for a float image holding NaN or infinite values."""
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise ImageReadError(
+                f"{path}: float image holds NaN or infinite values in {bad} of {arr.size} pixels; "
+                "replace them (e.g. numpy.nan_to_num) and save it again"
+            )
+        hi = max(float(arr.max()), 1.0)
+    else:
+        hi = 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0
+    arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
+def _decode(path: Path) -> tuple[Image.Image, list[str]]:
+    """Decode ``path`` upright (EXIF orientation applied), high bit depths reduced to 8-bit grey.
+
+    The size is checked from the header before decoding (:data:`MAX_PIXELS`). Returns the decoded
+    image (any 8-bit Pillow mode) and notes on what was converted. Raises ImageReadError."""
     notes: list[str] = []
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F") or (mode == "I;16N"):
-                arr = np.asarray(im).astype(np.float64)
-                hi = 65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0
-                if mode == "F":
-                    hi = max(float(arr.max()), 1.0) if arr.max() > 1.0 else 1.0
-                arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                notes.append(f"converted {mode} (high bit depth) to 8-bit")
-                im = Image.fromarray(arr, mode="L")
-                mode = "L"
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-                # Composite on white: transparent areas are background, not black content.
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba).convert("RGB")
-                notes.append(f"dropped alpha channel ({mode}) by compositing on white")
-            elif mode != "RGB":
-                notes.append(f"converted {mode} to RGB")
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():
+            # Pillow warns between MAX_PIXELS and twice that; the check below refuses with a clearer line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise _too_large(path, f"{w}x{h} ({w * h / 1e6:.0f} MP)")
+                im.load()
+                orientation = im.getexif().get(0x0112, 1)
+                ImageOps.exif_transpose(im, in_place=True)  # turned as the camera meant (no copy)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError:
+        raise _too_large(path, f"over {2 * MAX_PIXELS // 1_000_000} MP") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    except Image.DecompressionBombError as e:  # pragma: no cover - needs a >256 MP file
-        raise ImageReadError(f"{path}: image too large ({e})") from None
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageReadError(f"{path}: unexpected image shape {arr.shape}")
-    return arr, notes
+    if orientation not in (None, 1):
+        notes.append(f"turned upright (EXIF orientation {orientation})")
+    if im.mode in _HIGH_BIT_DEPTH_MODES:
+        notes.append(f"converted {im.mode} (high bit depth) to 8-bit")
+        im = _to_8bit_grey(im, path)
+    if im.width < 1 or im.height < 1:
+        raise ImageReadError(f"{path}: empty image ({im.width}x{im.height})")
+    return im, notes
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
+
+
+def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
+    """``im`` as ``(H, W, 3)`` uint8 RGB, alpha composited on white; appends what it converted to ``notes``."""
+    if _has_alpha(im):
+        # Composite on white: transparent areas are background, not black content.
+        notes.append(f"dropped alpha channel ({im.mode}) by compositing on white")
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    elif im.mode != "RGB":
+        notes.append(f"converted {im.mode} to RGB")
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Read any common image file as 8-bit RGB, upright.
+
+    Returns ``(array (H, W, 3) uint8, notes)`` where ``notes`` says what was converted (EXIF
+    rotation, grey, palette, alpha composited on white, 16-bit / float). Raises
+    :class:`ImageReadError` (one line: the path, why, what to do) for a missing, unreadable or
+    corrupt file, an image above :data:`MAX_PIXELS` (checked before decoding) or a float image
+    with NaN / infinite values.
+    """
+    im, notes = _decode(Path(path))
+    return _to_rgb(im, notes), notes
+
+
+def read_image_rgba(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Read an image file as 8-bit RGB plus its alpha channel, upright, for tools that keep
+    transparency (``finpercep sr``).
+
+    Returns ``(rgb (H, W, 3) uint8, alpha (H, W) uint8 or None, notes)``: ``alpha`` is None for an
+    image without transparency; ``rgb`` is the straight (not premultiplied, not composited) colour.
+    Raises :class:`ImageReadError` as :func:`read_image` does.
+    """
+    im, notes = _decode(Path(path))
+    if not _has_alpha(im):
+        return _to_rgb(im, notes), None, notes
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+    return rgba[..., :3].copy(), rgba[..., 3].copy(), notes
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -101,32 +187,122 @@ def load_image(path: str | Path) -> torch.Tensor:
     return to_tensor(arr)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _host_tag() -> str:
+    # The host goes into temporary names so that a folder shared by several machines (NFS) never
+    # has a live writer's file taken for a dead one: PIDs are only compared on their own host.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")
+
+
+_TEMP_RE = re.compile(r"\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+_swept: set[str] = set()  # folders this process has already cleaned
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # no cheap, harmless liveness probe: keep every temporary
+        return True
     try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders (``.NAME.<host>-<pid>.<random>.tmp``) that writers on
+    this host left in ``folder`` when they were killed (their PID no longer runs). Temporaries of
+    live processes, of other hosts, and anything not named that way are left alone. Returns the
+    removed paths. Errors while removing are ignored (another process may be sweeping too)."""
+    folder, host, removed = Path(folder), _host_tag(), []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry.name)
+        if not m or m["host"] != host or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+def make_temp_sibling(path: str | Path, *, directory: bool = False) -> Path:
+    """Create an empty hidden temporary file (or folder) next to ``path``, named
+    ``.NAME.<host>-<pid>.<random>.tmp``, with ordinary permissions (umask), and return it.
+
+    The first call for a folder in a process also removes what killed writers left there
+    (:func:`remove_stale_temps`); once per folder, so that writing many files stays linear."""
+    path = Path(path)
+    if str(path.parent) not in _swept:
+        remove_stale_temps(path.parent)
+        _swept.add(str(path.parent))
+    prefix, parent = f".{path.name}.{_host_tag()}-{os.getpid()}.", str(path.parent)
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the result is an ordinary folder
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
+    return Path(tmp)
+
+
+def make_parent(path: Path) -> None:
+    """Create ``path``'s folder (and its parents). Raises :class:`WriteError` naming ``path``, e.g.
+    when a parent is a file, the disk is read-only or permission is denied."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise WriteError(errno.ENOTDIR, "a parent of it is a file, not a folder", str(path)) from None
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename
+    (:func:`make_temp_sibling`). On any failure the temporary file is removed and ``path`` keeps
+    its old content; an OSError (disk full, read-only, no permission) is raised as
+    :class:`WriteError` naming ``path``."""
+    path = Path(path)
+    make_parent(path)
+    tmp = None
+    try:
+        tmp = make_temp_sibling(path)
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
 def save_png(path: str | Path, img: torch.Tensor | np.ndarray) -> None:
-    """Write an RGB image ((3,H,W) float tensor or (H,W,3) uint8) or a (H,W) uint8 mask as PNG, atomically.
+    """Write an image as PNG, atomically: a ``(3, H, W)`` float tensor in [0, 1], or uint8
+    ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA or ``(H, W)`` grey (a mask).
 
     PNG metadata is left out and the compression level fixed, so equal pixels give equal bytes.
+    Raises ValueError for another shape or dtype, :class:`WriteError` when the file cannot be written.
     """
     arr = to_uint8(img) if isinstance(img, torch.Tensor) else img
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-        raise ValueError(f"save_png expects uint8 (H,W) or (H,W,3), got {arr.shape} {arr.dtype}")
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"save_png expects uint8 (H,W), (H,W,3) or (H,W,4), got {arr.shape} {arr.dtype}")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -182,10 +358,35 @@ def latest_checkpoint(run: str | Path) -> tuple[Path, dict] | None:
     return folder, torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
 
 
+def read_latest_checkpoint(run: str | Path, keys: tuple[str, ...] = ()) -> tuple[Path, dict] | None:
+    """:func:`latest_checkpoint` for resuming a run: a ``trainer.pt`` that cannot be read (truncated,
+    damaged, or a pickle of Python objects, which ``weights_only`` refuses unread) or that is not a
+    mapping with every one of ``keys`` raises ValueError in one line naming the file and what to do."""
+    import pickle
+
+    try:
+        found = latest_checkpoint(run)
+        ok = found is None or isinstance(found[1], dict) and set(keys) <= set(found[1])
+        problem = None if ok else "not a finpercep trainer state"
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError ... on bad files
+        found = None
+        problem = "it holds Python objects, refused unread" if isinstance(e, pickle.UnpicklingError) \
+            else f"truncated or damaged: {type(e).__name__}"
+    if problem is not None:
+        folder = Path(run) / CKPT_DIR / (Path(run) / CKPT_DIR / "LATEST").read_text().strip()
+        raise ValueError(f"{folder / 'trainer.pt'}: cannot resume from it ({problem}); delete {folder} "
+                         "and rerun to train without it, or choose a new --out")
+    return found
+
+
 def append_jsonl(path: str | Path, rec: dict[str, Any]) -> None:
-    """Append one JSON object as a line (a training run's ``metrics.jsonl``)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
+    """Append one JSON object as a line (a training run's ``metrics.jsonl``). Raises
+    :class:`WriteError` naming ``path`` when it cannot be written (disk full, read-only ...)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

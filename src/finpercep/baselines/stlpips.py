@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finpercep.checks import check_image_batch
+
 NetName = Literal["alex", "vgg"]
 MIN_SIZE = 32  # smallest side accepted (the deepest blur pool's reflection pad needs 21 px for alex, 18 for vgg)
 
@@ -204,25 +206,6 @@ class STLPIPS(nn.Module):
     @staticmethod
     def _check(x: torch.Tensor, y: torch.Tensor) -> None:
         for name, t in (("x", x), ("y", y)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"STLPIPS: {name} must be a torch.Tensor (B, 3, H, W), got {type(t).__name__}")
-            if t.ndim != 4 or t.shape[1] != 3:
-                raise ValueError(f"STLPIPS: {name} must be (B, 3, H, W) RGB, got shape {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise ValueError(f"STLPIPS: {name} must be float in [0, 1], got dtype {t.dtype}")
+            check_image_batch(t, f"STLPIPS: {name}", min_size=MIN_SIZE, tol=0.5)
         if x.shape != y.shape:
             raise ValueError(f"STLPIPS: x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("STLPIPS got an empty batch")
-        if min(x.shape[-2:]) < MIN_SIZE:
-            raise ValueError(f"STLPIPS needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
-        x, y = x.detach(), y.detach()
-        lo = torch.minimum(x.amin(), y.amin())
-        hi = torch.maximum(x.amax(), y.amax())
-        if not (torch.isfinite(lo) and torch.isfinite(hi)):
-            raise ValueError("STLPIPS got NaN or Inf values")
-        if lo < -0.5 or hi > 1.5:
-            raise ValueError(
-                f"STLPIPS expects inputs in [0, 1], got values in [{float(lo):.3g}, {float(hi):.3g}] "
-                "(images in [-1, 1] or [0, 255]? rescale to [0, 1])"
-            )

@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -498,12 +497,12 @@ def _load_cache(folder: Path, arch: str, source: str) -> nn.Module | None:
 def _write_cache(model: nn.Module, folder: Path) -> None:
     """Save ``model`` as a checkpoint folder, complete or not at all: written into a temporary
     sibling folder, then renamed into place (replacing a broken or stale cache)."""
+    from finpercep.io import make_temp_sibling
     from finpercep.policies import save_policy
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = make_temp_sibling(folder, directory=True)  # named so that a killed run's leftover is swept
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache folder is an ordinary folder
         save_policy(model, tmp)  # float32, as the module holds it
         if folder.exists():
             shutil.rmtree(folder)

@@ -140,7 +140,9 @@ def load_reward(
 
     Returns the model in eval mode with ``requires_grad=False`` on its parameters; calling it on
     ``x`` ``(B, 3, H, W)`` in [0, 1] gives ``RewardOutput(score (B,), map (B, 1, H, W) or None at
-    stage 0)``, differentiable with respect to ``x``.
+    stage 0)``, differentiable with respect to ``x``. ``x`` may be float16, bfloat16, float32 or
+    float64 (cast to the model's dtype; ``torch.from_numpy`` gives float64); integer images are
+    refused with a ValueError saying to divide by 255.
     """
     dev = _device(device)
     folder = resolve_checkpoint(checkpoint, stage)
@@ -228,7 +230,7 @@ def score_images(
                 f"score_images: image {i} must be a (3, H, W) tensor in [0, 1], "
                 f"got {type(img).__name__} {tuple(getattr(img, 'shape', ()))}"
             )
-        x = img[None].to(device=param.device, dtype=param.dtype if img.is_floating_point() else img.dtype)
+        x = img[None].to(param.device)  # the model checks the dtype and casts to its own
         with torch.no_grad():
             h, w = img.shape[-2:]
             out = model(x) if h * w <= tile * tile else score_image_tiled(model, x, tile=tile, context=ctx)

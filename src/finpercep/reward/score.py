@@ -10,8 +10,11 @@ and calls :func:`run_score`. Output contract:
   stage-0 model, which has no map; ``map_mean`` / ``map_max`` are then ``null`` too); ``notes`` lists
   the conversions made while reading (grey, alpha, 16-bit).
 - otherwise an aligned table on ``out``: path, score, map mean, map max (``-`` without a map).
-- every file that cannot be scored (missing, unreadable, corrupt, not an image) gets one line
+- every file that cannot be scored (missing, unreadable, corrupt, not an image, above
+  :data:`finpercep.io.MAX_PIXELS`, a float image with NaN / inf) gets one line
   ``error: <path>: <why>`` on ``err``; the other files are still scored and the exit status is 1.
+- a map or overlay that cannot be written (disk full, read-only folder) stops the run with
+  :class:`finpercep.io.WriteError`: the later files would fail the same way.
 
 Output names: ``<name>`` is the file's stem; when two inputs share a stem (``a/x.png``, ``b/x.jpg``)
 the later ones in input order get ``x-1``, ``x-2``, ... (compared case-insensitively, so names
@@ -31,7 +34,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from finpercep.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image, save_npy, save_png, to_tensor
+from finpercep.io import IMAGE_SUFFIXES, ImageReadError, WriteError, list_images, read_image, save_npy, save_png, to_tensor
 from finpercep.reward.api import ImageScore, score_images
 from finpercep.reward.model import FinPercepRM
 
@@ -87,12 +90,14 @@ def run_score(
     json_out: bool,
     maps_dir: Path | None,
     overlay_dir: Path | None,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
     progress: bool = False,
 ) -> int:
     """Score every image in ``paths`` (files or folders) with ``model`` and report (module
-    docstring). Returns the exit status: 0 when every file was scored, 1 when any failed."""
+    docstring). Returns the exit status: 0 when every file was scored, 1 when any failed.
+    ``out`` / ``err``: default the current ``sys.stdout`` / ``sys.stderr``."""
+    out, err = out or sys.stdout, err or sys.stderr
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
@@ -132,6 +137,9 @@ def run_score(
     for f, name in zip(files, names):
         try:
             rec = score_file(f, model, name, maps_dir if write_maps else None, overlay_dir if write_overlays else None)
+        except WriteError:
+            bar.close()
+            raise  # disk full, read-only --maps / --overlay: every later file would fail the same way
         except (ImageReadError, ValueError, RuntimeError, MemoryError, OSError) as e:
             # One line per failed file; the rest are still scored.
             failed += 1
@@ -147,7 +155,8 @@ def run_score(
 
 def score_file(path: Path, model: FinPercepRM, name: str, maps_dir: Path | None, overlay_dir: Path | None) -> dict:
     """Read, score and (optionally) write the map and overlay of one image file; return its JSON
-    record (module docstring). Raises ImageReadError / ValueError / RuntimeError on failure."""
+    record (module docstring). Raises ImageReadError / ValueError / RuntimeError on failure, and
+    :class:`finpercep.io.WriteError` when an output cannot be written."""
     arr, notes = read_image(path)
     img = to_tensor(arr)
     del arr  # huge images: keep one copy
