@@ -158,3 +158,13 @@ class StochasticPolicy(Policy, Protocol):
     def denoising_error(
         self, lr: torch.Tensor, sr: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A loss, reward or gradient became NaN / infinite: a training loop (RL, reward model, policy
+    recipes) stops with a message naming the step and the last good checkpoint; nothing is
+    overwritten. A ValueError too, so the CLI prints it as one line."""

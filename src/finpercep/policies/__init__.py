@@ -118,9 +118,12 @@ def save_policy(model: nn.Module, folder: str | Path, dtype: torch.dtype | None 
 
 def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a folder written by :func:`save_policy` (weights strictly, through safetensors).
-    Returns the policy in eval mode, float32, on ``map_location``."""
-    from safetensors.torch import load_file
+    Returns the policy in eval mode, float32, on ``map_location``.
 
+    Raises FileNotFoundError for a missing file, and ValueError in one line for a config that is
+    not valid JSON, has wrong types or sizes out of bounds, a weights file that is truncated,
+    damaged or not safetensors (a pickle is never unpickled), or weights whose shapes do not
+    match the config (compared on the meta device, before the network is allocated)."""
     from finpercep.config import from_dict
 
     folder = Path(folder)
@@ -129,8 +132,8 @@ def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device 
         if not p.is_file():
             raise FileNotFoundError(f"not a policy checkpoint: {p} is missing (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     archs = _archs()
     if isinstance(meta, dict) and meta.get("arch") == CUSTOM:
@@ -142,8 +145,9 @@ def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device 
         raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
     cls, cfg_cls = archs[meta["arch"]]
     cfg = from_dict(cfg_cls, meta.get("config", {}), where=f"{cfg_path}: config")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(w_path).items()}
+    _check_shapes(cls, cfg, state, w_path)
     model = cls(cfg)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(w_path)).items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -154,19 +158,44 @@ def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device 
 
 def load_policy_weights(model: nn.Module, folder: str | Path) -> nn.Module:
     """Load the weights of a checkpoint folder into ``model`` (strictly; e.g. a custom network's
-    fine-tuned weights from ``RUN/final``). Returns ``model``."""
-    from safetensors.torch import load_file
-
+    fine-tuned weights from ``RUN/final``). Returns ``model``. Raises ValueError for a weights file
+    that is not a complete safetensors file or does not match ``model``."""
     w_path = Path(folder) / WEIGHTS_NAME
     if not w_path.is_file():
         raise FileNotFoundError(f"not a policy checkpoint: {w_path} is missing")
     ref = next(iter(model.state_dict().values()), None)
-    state = {k: v.to(ref.dtype) if ref is not None and v.is_floating_point() else v for k, v in load_file(str(w_path)).items()}
+    state = {k: v.to(ref.dtype) if ref is not None and v.is_floating_point() else v for k, v in _read_weights(w_path).items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{w_path}: weights do not match {type(model).__name__}: {e}") from None
     return model
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``; ValueError (one line) for a file that is
+    truncated, damaged or of another format (never unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e}); the checkpoint is damaged or was "
+                         "not written by finpercep: save or copy it again") from None
+
+
+def _check_shapes(cls: type, cfg: Any, state: dict[str, torch.Tensor], w_path: Path) -> None:
+    """Compare the tensors ``cfg`` describes (``cls(cfg)`` built on the meta device: nothing is
+    allocated) with those of the weights file, so a damaged or hand-edited ``config.json``
+    (``channels: 200000``, 1.4 TB) fails in one line instead of allocating first."""
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if diff:
+        raise ValueError(f"{w_path}: weights do not match {CONFIG_NAME}: {len(diff)} tensors differ, e.g. {diff[0]!r} "
+                         f"is {want.get(diff[0])} in the config and {have.get(diff[0])} in the file")
 
 
 def load_policy(name_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

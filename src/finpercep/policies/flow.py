@@ -62,12 +62,24 @@ from torch import nn
 
 from finpercep.checks import check_image_batch
 from finpercep.data.degradations import DegradationConfig
-from finpercep.policies.tiny import WEIGHTS_DIR, bicubic_upscale, clamp01_st, resolve_checkpoint
-from finpercep.types import Trajectory
+from finpercep.config import check_between, check_positive
+from finpercep.policies.tiny import (
+    MAX_CHANNELS,
+    MAX_LAYERS,
+    WEIGHTS_DIR,
+    bicubic_upscale,
+    check_recipe,
+    clamp01_st,
+    resolve_checkpoint,
+)
+from finpercep.types import NonFiniteError, Trajectory
 
 log = logging.getLogger(__name__)
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+MAX_FLOW_STEPS = 1000
+"""Bound on ``FlowConfig.num_steps`` (8 by default)."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +103,14 @@ class FlowConfig:
     """``a`` in ``sigma_t = a sqrt(1 - t)`` (Flow-GRPO's default noise level is 0.7); > 0."""
 
     def __post_init__(self) -> None:
-        if min(self.channels, self.num_blocks, self.time_dim, self.num_steps) < 1:
-            raise ValueError("channels, num_blocks, time_dim and num_steps must be >= 1")
+        check_between("FlowConfig", 1, MAX_CHANNELS, channels=self.channels, time_dim=self.time_dim)
+        check_between("FlowConfig", 1, MAX_LAYERS, num_blocks=self.num_blocks)
+        check_between("FlowConfig", 1, MAX_FLOW_STEPS, num_steps=self.num_steps)
         if self.time_dim % 2:
             raise ValueError(f"time_dim must be even, got {self.time_dim}")
         if self.scale not in (2, 3, 4, 8):
             raise ValueError(f"scale must be 2, 3, 4 or 8, got {self.scale}")
-        if not self.res_scale > 0 or not self.noise_level > 0:
-            raise ValueError(f"res_scale and noise_level must be > 0, got {self.res_scale}, {self.noise_level}")
+        check_positive("FlowConfig", res_scale=self.res_scale, noise_level=self.noise_level)
 
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -331,12 +343,7 @@ class FlowTrainConfig:
     """Steps between ``metrics.jsonl`` lines."""
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch, self.threads, self.log_every) < 1:
-            raise ValueError("steps, batch, threads and log_every must be >= 1")
-        if self.crop < 8 * self.model.scale or self.crop % self.model.scale:
-            raise ValueError(f"crop must be a multiple of scale {self.model.scale} and >= {8 * self.model.scale}, got {self.crop}")
-        if self.lr <= 0 or self.warmup < 0:
-            raise ValueError(f"lr must be > 0 and warmup >= 0, got {self.lr}, {self.warmup}")
+        check_recipe(self)
 
 
 def train_flow(cfg: FlowTrainConfig, photos: Path, out: Path, progress: bool = True) -> Path:
@@ -376,7 +383,8 @@ def train_flow(cfg: FlowTrainConfig, photos: Path, out: Path, progress: bool = T
                 group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
             loss = model.denoising_error(lr_img, hr, t, noise).mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"train_flow: loss is {loss.item()} at step {step}; lower lr ({cfg.lr})")
+                raise NonFiniteError(f"train_flow: loss is {loss.item()} at step {step + 1}; the run stops here "
+                                     f"(this recipe is not resumable: rerun with a lower lr than {cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -26,9 +26,10 @@ from torch import nn
 
 
 class LoRAConv2d(nn.Module):
-    """``base(x) + scale * up(down(x))`` with ``base`` frozen and ``up`` zero-initialised."""
+    """``base(x) + scale * up(down(x))`` with ``base`` frozen and ``up`` zero-initialised; ``down``
+    is Kaiming-uniform initialised from ``generator`` (``None``: torch's global RNG)."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if base.groups != 1:
             raise ValueError("LoRAConv2d supports groups == 1 only")
@@ -39,7 +40,7 @@ class LoRAConv2d(nn.Module):
         self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
                               bias=False, padding_mode=base.padding_mode)
         self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
+        nn.init.kaiming_uniform_(self.down.weight, a=5**0.5, generator=generator)
         nn.init.zeros_(self.up.weight)
         self.down.to(base.weight)
         self.up.to(base.weight)
@@ -58,10 +59,13 @@ class LoRAConv2d(nn.Module):
         return w + self.scale * delta.view_as(w)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[str]:
+def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
+               generator: torch.Generator | None = None) -> list[str]:
     """Wrap every ``nn.Conv2d`` (groups 1) of ``model`` in place with a :class:`LoRAConv2d` and
-    freeze everything else. ``alpha`` defaults to ``rank`` (scale 1). Returns the wrapped names.
-    Raises ValueError for ``rank < 1`` or a model without convolutions."""
+    freeze everything else. ``alpha`` defaults to ``rank`` (scale 1). The adapters' ``down``
+    weights are drawn from ``generator`` (a CPU ``torch.Generator``) in module order, so a seeded
+    generator makes them a function of its seed; ``None`` draws from torch's global RNG.
+    Returns the wrapped names. Raises ValueError for ``rank < 1`` or a model without convolutions."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
@@ -72,7 +76,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[
     for name, conv in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRAConv2d(conv, rank, alpha))
+        setattr(parent, child, LoRAConv2d(conv, rank, alpha, generator))
     return [n for n, _ in targets]
 
 

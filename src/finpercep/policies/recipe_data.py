@@ -123,20 +123,14 @@ def cosine_lr(step: int, steps: int, base_lr: float, warmup: int) -> float:
 
 
 def load_yaml_config(cls: type, path: str | Path | None, **overrides: Any) -> Any:
-    """Dataclass ``cls`` from a YAML file (``yaml.safe_load``; unknown keys are errors), then
-    ``overrides`` (``None`` values ignored)."""
+    """Dataclass ``cls`` from a YAML file (``yaml.safe_load``; unknown keys, wrong types and YAML
+    syntax errors are one-line ValueErrors), then ``overrides`` (``None`` values ignored)."""
     from dataclasses import replace
 
-    from finpercep.config import from_dict
+    from finpercep.config import from_dict, load_yaml
 
-    data: dict = {}
-    if path is not None:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    cfg = from_dict(cls, data, where=str(path or cls.__name__))
+    data = load_yaml(path) if path is not None else {}
+    cfg = from_dict(cls, data, where=f"{path}:" if path is not None else cls.__name__)
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -25,17 +25,29 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finpercep.checks import check_image_batch
+from finpercep.config import check_at_least, check_between, check_positive
 from finpercep.data.degradations import DegradationConfig
+from finpercep.types import NonFiniteError
+
+if TYPE_CHECKING:
+    from finpercep.policies.flow import FlowTrainConfig
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+MAX_CHANNELS = 1024
+"""Bound on the feature channels of ``tiny`` and ``flow`` (32 and 48 by default; a 3x3 convolution
+at 1024 channels is 9.4 M parameters)."""
+MAX_LAYERS = 256
+"""Bound on their hidden layers / residual blocks (6 and 4 by default)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +100,8 @@ class TinyConfig:
     """Upscaling factor s (the tail predicts 3 * s^2 channels, rearranged by PixelShuffle)."""
 
     def __post_init__(self) -> None:
-        if self.channels < 1 or self.num_layers < 0:
-            raise ValueError(f"channels must be >= 1 and num_layers >= 0, got {self.channels}, {self.num_layers}")
+        check_between("TinyConfig", 1, MAX_CHANNELS, channels=self.channels)
+        check_between("TinyConfig", 0, MAX_LAYERS, num_layers=self.num_layers)
         if self.scale not in (2, 3, 4, 8):
             raise ValueError(f"scale must be 2, 3, 4 or 8, got {self.scale}")
 
@@ -173,12 +185,16 @@ class TinyTrainConfig:
     """Steps between ``metrics.jsonl`` lines."""
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch, self.threads, self.log_every) < 1:
-            raise ValueError("steps, batch, threads and log_every must be >= 1")
-        if self.crop < 8 * self.model.scale or self.crop % self.model.scale:
-            raise ValueError(f"crop must be a multiple of scale {self.model.scale} and >= {8 * self.model.scale}, got {self.crop}")
-        if self.lr <= 0 or self.warmup < 0:
-            raise ValueError(f"lr must be > 0 and warmup >= 0, got {self.lr}, {self.warmup}")
+        check_recipe(self)
+
+
+def check_recipe(cfg: TinyTrainConfig | FlowTrainConfig) -> None:
+    """The value checks :class:`TinyTrainConfig` and ``FlowTrainConfig`` share (ValueError naming the field)."""
+    check_at_least("recipe", 1, steps=cfg.steps, batch=cfg.batch, threads=cfg.threads, log_every=cfg.log_every)
+    check_at_least("recipe", 0, warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    check_positive("recipe", lr=cfg.lr)
+    if cfg.crop < 8 * cfg.model.scale or cfg.crop % cfg.model.scale:
+        raise ValueError(f"recipe.crop must be a multiple of scale {cfg.model.scale} and >= {8 * cfg.model.scale}, got {cfg.crop}")
 
 
 def train_tiny(cfg: TinyTrainConfig, photos: Path, out: Path, progress: bool = True) -> Path:
@@ -214,7 +230,8 @@ def train_tiny(cfg: TinyTrainConfig, photos: Path, out: Path, progress: bool = T
             sr = model(lr_img)
             loss = (sr - hr).abs().mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"train_tiny: loss is {loss.item()} at step {step}; lower lr ({cfg.lr})")
+                raise NonFiniteError(f"train_tiny: loss is {loss.item()} at step {step + 1}; the run stops here "
+                                     f"(this recipe is not resumable: rerun with a lower lr than {cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

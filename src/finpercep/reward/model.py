@@ -79,7 +79,7 @@ from torch import nn
 from finpercep.backbones.efficientnet_lite import STAGES as LITE0_STAGES
 from finpercep.backbones.efficientnet_lite import efficientnet_lite0, stage_receptive_field
 from finpercep.checks import check_image_batch
-from finpercep.config import from_dict, to_dict
+from finpercep.config import check_between, from_dict, to_dict
 from finpercep.types import RewardOutput  # re-exported: the reward model returns the shared type
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +138,11 @@ BACKBONES: dict[str, BackboneSpec] = {
         "(finpercep.backbones.efficientnet_lite); stages at strides 2, 4, 8, 16, 16, 32, 32",
     ),
 }
+
+MAX_DECODER_CHANNELS = 4096
+"""Bound on ``RMConfig.decoder_channels`` (64 by default; 4096 is ~70 M decoder parameters)."""
+MAX_SCORE_HIDDEN = 65536
+"""Bound on ``RMConfig.score_hidden`` (256 by default; 65536 is ~21 M score-head parameters)."""
 
 Modulation = Literal["map", "one_minus_map", "none"]
 Pool = Literal["mean", "masked_mean", "masked_mean_area"]
@@ -219,8 +224,8 @@ class RMConfig:
             object.__setattr__(self, "decoder_stage", len(lv))
         if not 0 <= self.decoder_stage <= len(lv):
             raise ValueError(f"decoder_stage must be in [0, {len(lv)}] (len(levels)), got {self.decoder_stage}")
-        if self.decoder_channels < 1 or self.score_hidden < 1:
-            raise ValueError("decoder_channels and score_hidden must be >= 1")
+        check_between("RMConfig", 1, MAX_DECODER_CHANNELS, decoder_channels=self.decoder_channels)
+        check_between("RMConfig", 1, MAX_SCORE_HIDDEN, score_hidden=self.score_hidden)
         if self.modulation not in _MODULATIONS:
             raise ValueError(f"modulation must be one of {_MODULATIONS}, got {self.modulation!r}")
         if self.pool not in _POOLS:
@@ -294,9 +299,10 @@ class FPNDecoder(nn.Module):
         return self.head(d)
 
 
-def _check_image_batch(x: object, who: str) -> torch.Tensor:
+def _check_image_batch(x: object, who: str, model: nn.Module) -> torch.Tensor:
     # Slight overshoot (e.g. an SR generator's raw output) is tolerated; [0, 255] or [-1, 1] is not.
-    return check_image_batch(x, who, tol=0.5)
+    # Any float dtype is cast to the model's (a float64 NumPy image on a float32 model).
+    return check_image_batch(x, who, tol=0.5, dtype=next(model.parameters()).dtype)
 
 
 def _pad_to_multiple(x: torch.Tensor, m: int, mode: str) -> torch.Tensor:
@@ -421,7 +427,7 @@ class FinPercepRM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RewardOutput:
         """Score and map of ``x`` ``(B, 3, H, W)`` in [0, 1]; differentiable w.r.t. ``x``."""
-        _check_image_batch(x, "FinPercepRM")
+        x = _check_image_batch(x, "FinPercepRM", self)
         h, w = x.shape[-2:]
         s = self.cfg.stride
         x_pad = _pad_to_multiple(x, s, self.cfg.pad_mode)
@@ -547,7 +553,7 @@ def score_image_tiled(model: FinPercepRM, x: torch.Tensor, tile: int = 512, cont
     :func:`default_tile_context` (128 px) and must cover the decoder's reach. Measured deviation from
     ``model(x)`` on 600x700 photos, ``tile=256``: see ``TILED_TOL`` in ``tests/test_reward_model.py``.
     """
-    _check_image_batch(x, "score_image_tiled")
+    x = _check_image_batch(x, "score_image_tiled", model)
     cfg, spec, s = model.cfg, BACKBONES[model.cfg.backbone], model.cfg.stride
     context = default_tile_context(model) if context is None else context
     if tile < s or tile % s or context % s or context < decoder_reach(model):
@@ -637,10 +643,12 @@ def save_pretrained(model: FinPercepRM, folder: str | Path, dtype: torch.dtype |
 def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> FinPercepRM:
     """Load a checkpoint folder written by :func:`save_pretrained` (safetensors only; the config
     through :func:`finpercep.config.from_dict`, unknown keys are errors; weights loaded strictly).
-    Returns the model in eval mode on ``map_location``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    Returns the model in eval mode on ``map_location``.
 
+    Raises FileNotFoundError for a missing file, and ValueError in one line for a config that is
+    not valid JSON, has wrong types or sizes out of bounds (checked before the model is
+    allocated), a weights file that is truncated, damaged or not safetensors (a pickle is never
+    unpickled), or weights that do not match the config."""
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -649,8 +657,8 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
                 f"not a FinPercep-RM checkpoint: {p} is missing (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
             )
     try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{cfg_path}: not a FinPercep-RM config (model_type must be {MODEL_TYPE!r})")
@@ -661,16 +669,34 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
         version = meta.get("format_version")
         raise ValueError(f"{cfg_path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
     cfg = from_dict(RMConfig, meta.get("config", {}), where=f"{cfg_path}: config")
-    with safe_open(str(w_path), framework="pt") as f:
-        stored = (f.metadata() or {}).get("finpercep_config")
-    if stored is not None and json.loads(stored) != meta:
+    stored, state = _read_safetensors(w_path, str(map_location))
+    if "finpercep_config" in stored and _json_or_none(stored["finpercep_config"]) != meta:
         raise ValueError(
             f"{folder}: {CONFIG_NAME} does not match the config stored in {WEIGHTS_NAME} (interrupted save?)"
         )
     model = FinPercepRM(cfg, load_backbone_weights=False)
-    state = load_file(str(w_path), device=str(map_location))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{w_path}: weights do not match {CONFIG_NAME}: {e}") from None
     return model.to(map_location).eval()
+
+
+def _read_safetensors(path: Path, device: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of the safetensors file ``path``, on ``device``. Raises ValueError
+    in one line for a file that is truncated, damaged or of another format (never unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e}); the checkpoint is damaged or was "
+                         "not written by finpercep: save or copy it again") from None
+
+
+def _json_or_none(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None

@@ -21,6 +21,10 @@ Design notes:
   batch; gradients are averaged by DDP (gloo on CPU, NCCL on GPU); only rank 0 writes files.
 - ``metrics.jsonl`` gets one line per ``log_every`` steps (``loss/*``, ``rank/ordered``,
   ``score/*``, ``lr``, ``time/step``) and one ``val/*`` line per stage; ``loss.png`` plots them.
+  A stage that (re)starts drops its lines logged after its checkpoint (all of them without one),
+  so a rerun after a kill logs each step once.
+- A non-finite loss (e.g. a NaN ground-truth map) stops the run with
+  :class:`finpercep.types.NonFiniteError` naming the stage, step and last good checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from finpercep.config import from_dict, to_dict
+from finpercep.config import check_at_least, check_positive, from_dict, load_yaml, to_dict
 from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
 from finpercep.io import (
     CKPT_DIR,
@@ -46,10 +50,12 @@ from finpercep.io import (
     filter_jsonl,
     latest_checkpoint,
     mark_latest_checkpoint,
+    read_latest_checkpoint,
     save_json,
 )
 from finpercep.reward.losses import RMLossConfig, total_loss
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
+from finpercep.types import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +116,13 @@ class RMTrainConfig:
             raise ValueError(f"steps_per_stage must be positive, got {self.steps_per_stage}")
         if len(self.steps_per_stage) not in (1, self.last_stage + 1):
             raise ValueError(f"steps_per_stage needs 1 or {self.last_stage + 1} entries, got {len(self.steps_per_stage)}")
-        if self.batch_size < 1 or self.log_every < 1 or self.ckpt_every < 1:
-            raise ValueError("batch_size, log_every and ckpt_every must be >= 1")
+        check_at_least("RMTrainConfig", 1, batch_size=self.batch_size, log_every=self.log_every,
+                       ckpt_every=self.ckpt_every)
+        check_at_least("RMTrainConfig", 0, backbone_lr=self.backbone_lr, weight_decay=self.weight_decay,
+                       warmup_steps=self.warmup_steps, val_max=self.val_max, seed=self.seed)
+        check_positive("RMTrainConfig", lr=self.lr)
+        if self.grown_backbone_lr is not None:
+            check_at_least("RMTrainConfig", 0, grown_backbone_lr=self.grown_backbone_lr)
         if self.crop is not None and self.crop < 32:
             raise ValueError(f"crop must be >= 32 or None, got {self.crop}")
         if not 0 <= self.val_fraction < 1:
@@ -126,15 +137,11 @@ class RMTrainConfig:
 
 
 def load_train_config(path: str | Path | None, **overrides: Any) -> RMTrainConfig:
-    """An :class:`RMTrainConfig` from a YAML file (``yaml.safe_load``), then ``overrides``."""
-    data: dict = {}
-    if path is not None:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    cfg = from_dict(RMTrainConfig, data, where=str(path or "config"))
+    """An :class:`RMTrainConfig` from a YAML file (``yaml.safe_load``), then ``overrides`` (``None``
+    values ignored). Raises FileNotFoundError for a missing file and ValueError (one line) for a
+    YAML syntax error, an unknown key, a value of the wrong type or out of range."""
+    data = load_yaml(path) if path is not None else {}
+    cfg = from_dict(RMTrainConfig, data, where=f"{path}:" if path is not None else "RMTrainConfig")
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -286,9 +293,22 @@ def _append_metrics(run: Path, rec: dict) -> None:
 
 
 def _truncate_metrics(run: Path, stage: int, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
+    """Before training ``stage`` from ``step`` (0: from scratch), drop its metric lines logged after
+    that step (they will be logged again); earlier, finished stages keep theirs. Torn lines go too."""
     filter_jsonl(run / "metrics.jsonl",
                  lambda r: (r.get("stage", 0), r.get("step", 0)) <= (stage, step) or r.get("stage", 0) < stage)
+
+
+def _check_finite(run: Path, stage: int, step: int, loss: torch.Tensor, logs: dict[str, float]) -> None:
+    """Raise :class:`NonFiniteError` naming the stage, the step (1-based), the non-finite loss terms
+    and the last good checkpoint when ``loss`` is NaN or infinite (e.g. a NaN ground-truth map)."""
+    if bool(torch.isfinite(loss)):
+        return
+    bad = [k for k, v in logs.items() if k.startswith("loss/") and not np.isfinite(v)] or ["loss/total"]
+    last = latest_checkpoint(run)
+    where = f"last good checkpoint: {last[0]}" if last else "no checkpoint was written yet"
+    raise NonFiniteError(f"stage {stage} step {step}: non-finite {', '.join(bad)}; the run stops here ({where}; "
+                         "nothing was overwritten); check the data set (`finpercep data check`) or lower the learning rate")
 
 
 def _check_run_config(run: Path, cfg: RMTrainConfig, data: Path) -> None:
@@ -333,7 +353,7 @@ def train_reward_model(
     pixel_only = cfg.gt_map == "pixel_only"
     train_set = Triplets(data, train_recs, pixel_only)
     val_set = Triplets(val_root, val_recs, pixel_only)
-    resume = latest_checkpoint(run)
+    resume = read_latest_checkpoint(run, keys=("stage", "step", "optimizer"))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     steps_done = 0
     base: FinPercepRM | None = None
@@ -360,9 +380,9 @@ def train_reward_model(
             opt = _optimizer(model, cfg, k)
             opt.load_state_dict(state["optimizer"])
             start = int(state["step"])
-            if rank == 0:
-                _truncate_metrics(run, k, start)
-                log.info("resuming stage %d at step %d from %s", k, start, folder)
+            log.info("resuming stage %d at step %d from %s", k, start, folder)
+        if rank == 0:
+            _truncate_metrics(run, k, start)
         net = DDP(model) if dist.is_initialized() else model
         n_steps = cfg.steps(k)
         bar = None
@@ -389,9 +409,7 @@ def train_reward_model(
                     with torch.no_grad():
                         base_gt = base(b["hr"]).score.float()
                 loss, logs = total_loss(outs[0], outs[1], outs[2], b["map_syn"], base_gt, cfg.loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at stage {k} step {step}; last good checkpoint: "
-                                         f"{latest_checkpoint(run)[0] if latest_checkpoint(run) else 'none'}")
+            _check_finite(run, k, step + 1, loss, logs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -21,9 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from finpercep.config import from_dict
+from finpercep.config import from_dict, load_yaml
 from finpercep.curriculum.schedule import CurriculumConfig
 from finpercep.rl import dpo, grpo, refl
 from finpercep.rl.common import PairData, RunConfig, is_stochastic, run_meta
@@ -61,14 +59,11 @@ ALGORITHMS: dict[str, Callable[..., Path]] = {
 
 def load_rl_config(path: str | Path | None = None, **run_overrides: Any) -> RLConfig:
     """An :class:`RLConfig` from a YAML file (or the defaults), with ``run`` fields overridden
-    by keyword (``None`` values are ignored, so CLI flags left unset keep the file's values)."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config {p} not found")
-        data = yaml.safe_load(p.read_text()) or {}
-    cfg = from_dict(RLConfig, data, where=str(path or "RLConfig"))
+    by keyword (``None`` values are ignored, so CLI flags left unset keep the file's values).
+    Raises FileNotFoundError for a missing file and ValueError (one line) for a YAML syntax error,
+    an unknown key, a value of the wrong type or out of range."""
+    data = load_yaml(path) if path is not None else {}
+    cfg = from_dict(RLConfig, data, where=f"{path}:" if path is not None else "RLConfig")
     over = {k: v for k, v in run_overrides.items() if v is not None}
     return replace(cfg, run=replace(cfg.run, **over)) if over else cfg
 

@@ -15,8 +15,13 @@ A run folder ``RUN/`` holds
   ``ckpt/LATEST`` naming the newest; ``final/``: the policy at the end of the run.
 
 Randomness is a pure function of ``(seed, step)``: the batch of step ``s`` and every noise draw in
-it come from generators seeded with ``SeedSequence([seed, s, ...])``, so a resumed run repeats an
-uninterrupted one exactly.
+it come from generators seeded with ``SeedSequence([seed, s, ...])``, and LoRA adapters are
+initialised from ``seeded_generator(seed, LORA_INIT_KEY)``, so two runs with the same seed are
+identical and a resumed run repeats an uninterrupted one exactly.
+
+A killed run is rerun with the same command: it resumes from ``ckpt/LATEST`` (or step 0), cuts
+``metrics.jsonl`` back to that point, and writes ``final/`` even when the kill came after the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finpercep.config import to_dict
+from finpercep.config import check_at_least, check_positive, to_dict
 from finpercep.io import (
     CKPT_DIR,
     append_jsonl,
@@ -45,9 +50,10 @@ from finpercep.io import (
     latest_checkpoint,
     mark_latest_checkpoint,
     read_jsonl,
+    read_latest_checkpoint,
     save_json,
 )
-from finpercep.types import RewardOutput, StochasticPolicy
+from finpercep.types import NonFiniteError, RewardOutput, StochasticPolicy
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +106,18 @@ class RunConfig:
     [0, 1] pixel units."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        if self.crop < 0 or self.lora_rank < 0 or self.dense_credit < 0 or self.lr <= 0:
-            raise ValueError("run.crop, run.lora_rank and run.dense_credit must be >= 0 and run.lr > 0")
-        if not self.gaussian_sigma > 0:
-            raise ValueError(f"run.gaussian_sigma must be > 0, got {self.gaussian_sigma}")
-        if self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0:
-            raise ValueError("run.log_every and run.ckpt_every must be >= 1, run.sample_every >= 0")
+        check_at_least("run", 1, steps=self.steps, batch=self.batch, grad_accum=self.grad_accum,
+                       log_every=self.log_every, ckpt_every=self.ckpt_every)
+        check_at_least("run", 0, crop=self.crop, lora_rank=self.lora_rank, dense_credit=self.dense_credit,
+                       max_grad_norm=self.max_grad_norm, seed=self.seed, sample_every=self.sample_every,
+                       num_samples=self.num_samples)
+        check_positive("run", lr=self.lr, gaussian_sigma=self.gaussian_sigma)
+        if self.lora_alpha is not None:
+            check_positive("run", lora_alpha=self.lora_alpha)
+
+
+LORA_INIT_KEY = 0x4C6F5241  # "LoRA"
+"""``seeded_generator(seed, LORA_INIT_KEY)`` initialises a run's LoRA adapters (a key no step reaches)."""
 
 
 def seeded_generator(*key: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -210,10 +219,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).flatten()
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss, reward or gradient became NaN/Inf: the run stops, nothing is overwritten."""
-
-
 def check_finite(step: int, run: Path, **values: torch.Tensor | float) -> None:
     """Raise :class:`NonFiniteError` naming the step, the offending values and the last good
     checkpoint if any value is NaN or infinite."""
@@ -299,7 +304,8 @@ def append_metrics(run: Path, rec: dict[str, Any]) -> None:
 
 
 def truncate_metrics(run: Path, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint's step (they are logged again)."""
+    """On resume, drop metric lines logged after the checkpoint's step (they are logged again);
+    ``step`` 0 (no checkpoint) drops them all. Torn lines (a kill or a full disk) are dropped too."""
     filter_jsonl(run / "metrics.jsonl", lambda r: r.get("step", 0) <= step)
 
 
@@ -378,7 +384,13 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
     algorithm's name), that it is a stochastic policy; join the process group (torchrun),
     check/write the run config, put LoRA adapters on
     ``policy`` (a pretrained policy, changed in place) if asked, build the optimiser and resume
-    from the newest checkpoint. The trainable parameters start identical on every process."""
+    from the newest checkpoint. The trainable parameters start identical on every process: the
+    adapters are initialised from a generator seeded by ``cfg.seed`` alone, so two runs with the
+    same seed are identical from step 1.
+
+    ``metrics.jsonl`` is cut to what the resumed checkpoint had logged (nothing when the run
+    starts at step 0), so a run killed before or while writing a checkpoint logs each step once.
+    Raises ValueError for an unreadable checkpoint or one that does not fit ``policy``."""
     from finpercep.distributed import barrier, dist_info, init_distributed, local_device
     from finpercep.policies.lora import apply_lora
 
@@ -401,27 +413,40 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
         check_run_config(run, meta)
     barrier()
     if cfg.lora_rank:
-        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, generator=seeded_generator(cfg.seed, LORA_INIT_KEY))
     else:
         policy.requires_grad_(True)
     policy.to(dev).train()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    start, extra = 0, {}
-    resume = latest_checkpoint(run)
-    if resume is not None:
-        folder, state = resume
-        named = dict(policy.named_parameters())
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                named[n].copy_(t.to(dev))
-        opt.load_state_dict(state["optimizer"])
-        start, extra = int(state["step"]), dict(state.get("extra", {}))
-        if rank == 0:
-            truncate_metrics(run, start)
-            log.info("resuming %s at step %d from %s", run, start, folder)
+    start, extra = resume(run, policy, opt, dev)
+    if rank == 0:
+        truncate_metrics(run, start)
+        if start:
+            log.info("resuming %s at step %d", run, start)
     return Session(run=run, policy=policy, params=params, opt=opt, start_step=start, extra=extra,
                    device=dev, rank=rank, world=world)
+
+
+def resume(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, dict[str, Any]]:
+    """Load the newest checkpoint of ``run`` into ``policy``'s trainable parameters and ``opt``;
+    returns ``(step, extra)``, ``(0, {})`` when there is none. Raises ValueError (one line) for a
+    ``trainer.pt`` that is unreadable or was saved for another policy / LoRA rank."""
+    found = read_latest_checkpoint(run, keys=("step", "trainable", "optimizer"))
+    if found is None:
+        return 0, {}
+    folder, state = found
+    named = dict(policy.named_parameters())
+    saved = state["trainable"]
+    wanted = {n for n, p in named.items() if p.requires_grad}
+    if not isinstance(saved, dict) or set(saved) != wanted or any(saved[n].shape != named[n].shape for n in wanted):
+        raise ValueError(f"{folder / 'trainer.pt'} holds the trainable tensors of another policy or LoRA rank; "
+                         "resume with the same --policy and --lora-rank, or choose a new --out")
+    with torch.no_grad():
+        for n, t in saved.items():
+            named[n].copy_(t.to(device))
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), dict(state.get("extra", {}))
 
 
 def optimizer_step(s: Session, cfg: RunConfig) -> float:
@@ -442,7 +467,8 @@ def end_step(s: Session, cfg: RunConfig, step: int, logs: dict[str, float], *,
              samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor, RewardOutput | None] | None = None,
              extra: dict[str, Any] | None = None) -> None:
     """After optimiser step ``step`` (1-based count of steps done): log (rank 0, values averaged
-    over processes), write samples and checkpoints when due."""
+    over processes), write samples and checkpoints when due (always at the last step; ``final/``
+    is written by :func:`finish`)."""
     from finpercep.distributed import all_reduce_mean, barrier
 
     if s.world > 1:
@@ -457,8 +483,6 @@ def end_step(s: Session, cfg: RunConfig, step: int, logs: dict[str, float], *,
             save_samples(s.run, step, *samples, n=cfg.num_samples)
         if step % cfg.ckpt_every == 0 or last:
             save_checkpoint(s.run, s.policy, s.opt, step, extra)
-        if last:
-            save_plain_policy(s.policy, s.run / "final")
     if step % cfg.ckpt_every == 0 or last:
         barrier()
 
@@ -478,9 +502,13 @@ def progress_bar(s: Session, cfg: RunConfig, desc: str, enabled: bool) -> Any:
 
 
 def finish(s: Session, bar: Any, stopped_at: int | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Close the bar and leave the process group. ``stopped_at``: the run is being ended early
-    after that many steps (``stop_after_steps``, for tests of resume): checkpoint it and return
-    the checkpoint; otherwise return ``RUN/final``."""
+    """Close the bar, write ``RUN/final`` (rank 0) and leave the process group; returns ``RUN/final``.
+
+    ``final/`` is written here, after the loop, from the policy as it is: the last step's weights,
+    or, when the run had already reached its last step (a rerun, or a run killed after its last
+    checkpoint but before ``final/`` was complete), the weights restored from that checkpoint,
+    which are the same. ``stopped_at``: the run is being ended early after that many steps
+    (``stop_after_steps``, for tests of resume): checkpoint it and return the checkpoint instead."""
     from finpercep.distributed import destroy
 
     if bar is not None:
@@ -488,6 +516,8 @@ def finish(s: Session, bar: Any, stopped_at: int | None = None, extra: dict[str,
     out = s.run / "final"
     if stopped_at is not None:
         out = save_checkpoint(s.run, s.policy, s.opt, stopped_at, extra) if s.rank == 0 else s.run
+    elif s.rank == 0:
+        save_plain_policy(s.policy, out)
     destroy()
     return out
 

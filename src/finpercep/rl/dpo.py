@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finpercep.config import check_positive
 from finpercep.rl.common import (
     attach_rewards,
     observe_rewards,
@@ -62,8 +63,7 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(f"dpo.group_size must be >= 2 (a pair needs two samples), got {self.group_size}")
-        if self.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        check_positive("dpo", beta=self.beta)
 
 
 def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,

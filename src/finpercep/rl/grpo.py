@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finpercep.config import check_at_least, check_between, check_positive
 from finpercep.rl.common import (
     attach_rewards,
     check_dense_credit,
@@ -76,8 +77,10 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(f"grpo.group_size must be >= 2 (advantages compare samples), got {self.group_size}")
-        if not 0 < self.timestep_fraction <= 1 or self.clip_range <= 0 or self.kl_beta < 0 or self.inner_epochs < 1:
-            raise ValueError("grpo: need 0 < timestep_fraction <= 1, clip_range > 0, kl_beta >= 0, inner_epochs >= 1")
+        check_positive("grpo", timestep_fraction=self.timestep_fraction, clip_range=self.clip_range, adv_eps=self.adv_eps)
+        check_between("grpo", 0, 1, timestep_fraction=self.timestep_fraction)
+        check_at_least("grpo", 0, kl_beta=self.kl_beta)
+        check_at_least("grpo", 1, inner_epochs=self.inner_epochs)
 
 
 def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:

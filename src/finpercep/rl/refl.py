@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finpercep.config import check_at_least
 from finpercep.rl.common import (
     attach_rewards,
     check_dense_credit,
@@ -73,8 +74,8 @@ class ReFLConfig:
     ``K - late_steps .. K - 1`` (ReFL's late-step range)."""
 
     def __post_init__(self) -> None:
-        if self.late_steps < 1:
-            raise ValueError(f"refl.late_steps must be >= 1, got {self.late_steps}")
+        check_at_least("refl", 0, reward_weight=self.reward_weight, fidelity_weight=self.fidelity_weight)
+        check_at_least("refl", 1, late_steps=self.late_steps)
 
 
 def train(
