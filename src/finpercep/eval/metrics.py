@@ -10,14 +10,25 @@ or a whole stack ``(B, 1, H, W)`` for one number over all pixels of a test set. 
 bool or exactly {0, 1}; scores / maps are any finite real numbers (higher = more likely degraded).
 Score metrics (:func:`order_accuracy`, :func:`drop_fraction`) take one score per image, higher =
 better, and use strict inequalities: a tie counts as a failure.
+
+Fidelity metrics (:func:`psnr`, :func:`psnr_y`, :func:`ssim`, :func:`ssim_y`) are different: per
+image, ``(B,)`` tensors, differentiable, on image batches ``(B, C, H, W)`` in [0, 1]. ``psnr_y`` /
+``ssim_y`` follow the convention of SR papers (BasicSR's ``calculate_psnr`` / ``calculate_ssim``
+with ``test_y_channel=True``): the BT.601 luma :func:`rgb_to_y`, ``crop_border`` pixels dropped at
+each edge, SSIM with the 11x11 Gaussian window of sigma 1.5 (Wang et al. 2004). ``ssim(...,
+downsample=True)`` adds the automatic downsampling of Wang et al.'s ``ssim.m``. The RGB variants
+(:func:`psnr`, :func:`ssim`) average over all channels, without colour conversion.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
 
@@ -182,3 +193,174 @@ def drop_fraction(s_clean: ArrayLike, s_distorted: ArrayLike) -> float:
     artifact is added, ``S_distorted < S_clean`` (strict: an unchanged score is not a drop)."""
     clean, dist = _score_vectors("drop_fraction", s_clean=s_clean, s_distorted=s_distorted)
     return float((dist < clean).to(torch.float64).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity metrics (per image, full reference, differentiable)
+
+SSIM_WINDOW = 11
+"""Side of the Gaussian window of :func:`ssim` (Wang et al. 2004)."""
+SSIM_SIGMA = 1.5
+"""Standard deviation of the Gaussian window of :func:`ssim`, in pixels."""
+MSE_FLOOR = 1e-12
+"""Smallest MSE :func:`psnr` uses, so identical images give 120 dB instead of infinity."""
+
+# ITU-R BT.601 luma for RGB in [0, 1], on the 0..255 scale: MATLAB's rgb2ycbcr, BasicSR's rgb2ycbcr.
+_Y_OFFSET = 16.0
+_Y_WEIGHTS = (65.481, 128.553, 24.966)
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, who: str, rgb: bool = False) -> None:
+    if x.ndim != 4 or x.shape != y.shape:
+        raise ValueError(f"{who}: x and y must be (B, C, H, W) of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if rgb and x.shape[1] != 3:
+        raise ValueError(f"{who}: needs RGB images (B, 3, H, W), got {x.shape[1]} channels (use psnr / ssim for other images)")
+
+
+def _crop(x: torch.Tensor, border: int, who: str, min_size: int = 1) -> torch.Tensor:
+    """``x`` without ``border`` pixels at each edge; raises ValueError if less than ``min_size`` remains."""
+    if border < 0:
+        raise ValueError(f"{who}: crop_border must be >= 0, got {border}")
+    h, w = x.shape[-2] - 2 * border, x.shape[-1] - 2 * border
+    if min(h, w) < min_size:
+        raise ValueError(
+            f"{who}: images of {tuple(x.shape[-2:])} leave {h}x{w} after crop_border={border}, need at least "
+            f"{min_size}x{min_size}; use larger images or a smaller crop_border"
+        )
+    return x[..., border : x.shape[-2] - border, border : x.shape[-1] - border]
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """The luma Y of ITU-R BT.601 YCbCr, as SR papers measure it: ``(B, 3, H, W)`` RGB in [0, 1] ->
+    ``(B, 1, H, W)`` in [16/255, 235/255].
+
+    ``Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255``: MATLAB's ``rgb2ycbcr`` and BasicSR's
+    ``rgb2ycbcr(y_only=True)``, not rounded to 8 bits. Differentiable.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"rgb_to_y: expected (B, 3, H, W) RGB, got shape {tuple(x.shape)}")
+    w = torch.tensor(_Y_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x * w).sum(1, keepdim=True) + _Y_OFFSET) / 255.0
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, *, crop_border: int = 0) -> torch.Tensor:
+    """PSNR in dB per image: ``10 log10(1 / MSE)`` over all channels (data range 1).
+
+    Args:
+        x, y: ``(B, C, H, W)`` in [0, 1], same shape (RGB: BasicSR's ``calculate_psnr`` with
+            ``test_y_channel=False``; scikit-image's ``peak_signal_noise_ratio`` on 8-bit images).
+        crop_border: pixels dropped at each edge before measuring (SR papers: the scale factor).
+
+    Returns:
+        ``(B,)``; at most 120 dB (the MSE is floored at :data:`MSE_FLOOR`; BasicSR returns
+        infinity for identical images). Differentiable.
+    """
+    _check_pair(x, y, "psnr")
+    x, y = _crop(x, crop_border, "psnr"), _crop(y, crop_border, "psnr")
+    mse = (x - y).pow(2).flatten(1).mean(1).clamp_min(MSE_FLOOR)
+    return -10.0 * torch.log10(mse)
+
+
+def psnr_y(x: torch.Tensor, y: torch.Tensor, *, crop_border: int = 0) -> torch.Tensor:
+    """PSNR in dB on the BT.601 luma (:func:`rgb_to_y`), as SR papers report it (BasicSR's
+    ``calculate_psnr(..., crop_border, test_y_channel=True)``). ``x, y``: ``(B, 3, H, W)`` RGB in
+    [0, 1]. Returns ``(B,)``, at most 120 dB; differentiable."""
+    _check_pair(x, y, "psnr_y", rgb=True)
+    return psnr(rgb_to_y(x), rgb_to_y(y), crop_border=crop_border)
+
+
+def ssim_downsample_factor(height: int, width: int) -> int:
+    """Wang et al.'s automatic downsampling factor ``f = max(1, round(min(H, W) / 256))`` (``ssim.m``;
+    MATLAB rounds halves up: a 384-pixel side gives 2)."""
+    return max(1, math.floor(min(height, width) / 256 + 0.5))
+
+
+def _symmetric_pad(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    """MATLAB's ``'symmetric'`` padding (the edge pixel repeated: ``c b a | a b c | c b``) along ``dim``."""
+    n = x.shape[dim]
+    idx = torch.cat([torch.arange(before - 1, -1, -1), torch.arange(n), torch.arange(n - 1, n - 1 - after, -1)])
+    return x.index_select(dim, idx.to(x.device))
+
+
+def ssim_downsample(x: torch.Tensor, f: int) -> torch.Tensor:
+    """The downsampling of Wang et al.'s ``ssim.m``: ``imfilter(x, ones(f) / f^2, 'symmetric', 'same')``
+    sampled at rows and columns ``1:f:end``. ``(B, C, H, W)`` -> ``(B, C, ceil(H / f), ceil(W / f))``.
+
+    Each output pixel is the mean of an ``f x f`` block starting ``(f - 1) // 2`` pixels before it
+    (MATLAB's kernel centre), mirrored at the borders. Identity for ``f = 1``; differentiable.
+    """
+    if f < 1:
+        raise ValueError(f"ssim_downsample: factor must be >= 1, got {f}")
+    if f == 1:
+        return x
+    before = (f - 1) // 2
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        x = _symmetric_pad(x, dim, before, max(0, f * math.ceil(n / f) - n - before))
+    return F.avg_pool2d(x, f, stride=f)
+
+
+def _gaussian_window(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    x = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    *,
+    crop_border: int = 0,
+    downsample: bool = False,
+) -> torch.Tensor:
+    """Structural similarity (Wang, Bovik, Sheikh and Simoncelli, IEEE TIP 2004, Eq. 13), per image.
+
+    Args:
+        x, y: ``(B, C, H, W)`` in [0, 1] (data range 1), same shape; at least ``window`` pixels on
+            each side after cropping and downsampling.
+        window, sigma: the Gaussian weighting window (11 and 1.5 as in the paper).
+        crop_border: pixels dropped at each edge first (SR papers: the scale factor).
+        downsample: then shrink by :func:`ssim_downsample_factor` with :func:`ssim_downsample`,
+            as Wang et al.'s ``ssim.m`` does (pyiqa and BasicSR do not).
+
+    Returns:
+        ``(B,)`` in [-1, 1], 1 for identical images: the SSIM map averaged over the channels
+        (each on its own, no colour conversion) and over the *valid* positions (the window stays
+        inside the image). Population (co)variances, ``C1 = 0.01^2``, ``C2 = 0.03^2``. This is
+        ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, data_range=1)`` and BasicSR's ``calculate_ssim`` (tested).
+        Differentiable with respect to both inputs.
+    """
+    _check_pair(x, y, "ssim")
+    x, y = _crop(x, crop_border, "ssim", window), _crop(y, crop_border, "ssim", window)
+    if downsample:
+        f = ssim_downsample_factor(*x.shape[-2:])
+        x, y = ssim_downsample(x, f), ssim_downsample(y, f)
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"ssim: images must be at least {window}x{window} (after cropping and downsampling), got {tuple(x.shape[-2:])}")
+    c1, c2 = 0.01**2, 0.03**2
+    c = x.shape[1]
+    g = _gaussian_window(window, sigma, x)
+    gh, gw = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, valid positions only
+        return F.conv2d(F.conv2d(t, gh, groups=c), gw, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def ssim_y(x: torch.Tensor, y: torch.Tensor, *, crop_border: int = 0, downsample: bool = False) -> torch.Tensor:
+    """SSIM on the BT.601 luma (:func:`rgb_to_y`), as SR papers report it: BasicSR's
+    ``calculate_ssim(..., crop_border, test_y_channel=True)`` (11x11 Gaussian, sigma 1.5, on the
+    0..255 scale, which gives the same value as on [0, 1]). ``downsample=True`` adds Wang et al.'s
+    automatic downsampling (:func:`ssim`). ``x, y``: ``(B, 3, H, W)`` RGB in [0, 1]. Returns
+    ``(B,)`` in [-1, 1]; differentiable."""
+    _check_pair(x, y, "ssim_y", rgb=True)
+    return ssim(rgb_to_y(x), rgb_to_y(y), crop_border=crop_border, downsample=downsample)

@@ -3,7 +3,10 @@
 reference (NIQE, BRISQUE, PIQE) and a FinPercep-RM (its score and its map: mean and the area
 above a threshold).
 
-Every value is a mean over images; :data:`DIRECTION` says which way is better.
+PSNR and SSIM twice: ``psnr`` / ``ssim`` on RGB over the whole image (the columns of our earlier
+results), and ``psnr_y`` / ``ssim_y`` as SR papers report them (BT.601 luma, the scale factor
+cropped at each edge; :mod:`finpercep.eval.metrics`). Every value is a mean over images;
+:data:`DIRECTION` says which way is better.
 """
 
 from __future__ import annotations
@@ -15,22 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from finpercep.eval.metrics import psnr, psnr_y, ssim, ssim_y  # noqa: F401 (psnr kept importable here)
+
 log = logging.getLogger(__name__)
 
 MAP_THRESHOLD = 0.5
 """A map pixel above this counts as degraded for ``rm/map_area``."""
 
 DIRECTION: dict[str, str] = {
-    "psnr": "up", "ssim": "up", "stlpips": "down", "niqe": "down", "brisque": "down", "piqe": "down",
+    "psnr": "up", "ssim": "up", "psnr_y": "up", "ssim_y": "up", "stlpips": "down",
+    "niqe": "down", "brisque": "down", "piqe": "down",
     "rm/score": "up", "rm/map_mean": "down", "rm/map_area": "down",
 }
 """Metric -> ``up`` (higher is better) or ``down``."""
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image of ``(B, C, H, W)`` in [0, 1] (data range 1, all channels)."""
-    mse = (x - y).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return -10.0 * torch.log10(mse)
 
 
 @torch.no_grad()
@@ -52,7 +52,6 @@ def evaluate_sr(
     deterministic mean path."""
     from finpercep.baselines import STLPIPS, brisque, niqe, piqe
     from finpercep.reward.api import load_reward
-    from finpercep.rewards.metrics import ssim
 
     judge = (judge or load_reward()).to(device).eval()
     lpips = STLPIPS("alex").to(device).eval()
@@ -68,7 +67,9 @@ def evaluate_sr(
         lr, hr = (torch.stack(t).to(device) for t in zip(*(pairs.pair(i) for i in indices[a : a + batch])))
         sr = (policy.sample(lr, sample).sr if sample is not None else policy(lr)).clamp(0, 1)
         out = judge(sr)
-        vals = {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "stlpips": lpips(sr, hr),
+        border = hr.shape[-1] // lr.shape[-1]  # SR papers crop the scale factor at each edge
+        vals = {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "psnr_y": psnr_y(sr, hr, crop_border=border),
+                "ssim_y": ssim_y(sr, hr, crop_border=border), "stlpips": lpips(sr, hr),
                 "niqe": niqe(sr.cpu()), "brisque": brisque(sr.cpu()), "piqe": piqe(sr.cpu()),
                 "rm/score": out.score.float()}
         if out.map is not None:

@@ -19,7 +19,8 @@ piqe       (-inf, 0)                   PIQE > 0, nominally at most 100 (slightly
 Full reference (``hr`` required; differentiable with respect to ``sr``):
 
 - ``l1``: ``-mean |sr - hr|`` per image, range [-1, 0] for inputs in [0, 1];
-- ``ssim``: :func:`ssim` (Wang et al. 2004) on RGB, range [-1, 1];
+- ``ssim``: :func:`finpercep.eval.metrics.ssim` (Wang et al. 2004) on RGB, range [-1, 1] (the
+  Y-channel SSIM of SR papers is :func:`finpercep.eval.metrics.ssim_y`, used in evaluation);
 - ``stlpips``: ``-ST-LPIPS`` (AlexNet, :class:`finpercep.baselines.STLPIPS`), range (-inf, 0];
   images at least 32x32.
 """
@@ -30,8 +31,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from finpercep.eval.metrics import SSIM_SIGMA, SSIM_WINDOW, ssim  # noqa: F401 (defined there, kept importable here)
 from finpercep.rewards.base import check_hr, check_sr
 from finpercep.types import RewardOutput
 
@@ -88,53 +89,7 @@ class NRMetricReward:
 
 
 # ---------------------------------------------------------------------------------------------
-# Full-reference fidelity terms
-
-SSIM_WINDOW = 11
-"""Side of the Gaussian window of :func:`ssim` (Wang et al. 2004)."""
-SSIM_SIGMA = 1.5
-"""Standard deviation of the Gaussian window of :func:`ssim`, in pixels."""
-
-
-def _gaussian_window(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    x = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """Structural similarity (Wang, Bovik, Sheikh and Simoncelli, IEEE TIP 2004, Eq. 13), per image.
-
-    Args:
-        x, y: ``(B, C, H, W)`` in [0, 1] (data range 1), same shape, ``H, W >= window``.
-        window, sigma: the Gaussian weighting window (11 and 1.5 as in the paper).
-
-    Returns:
-        ``(B,)`` in [-1, 1], 1 for identical images: the SSIM map averaged over the channels
-        (RGB: each channel on its own, no colour conversion) and over the *valid* positions (no
-        padding: the window stays inside the image). Population (co)variances, ``C1 = 0.01^2``,
-        ``C2 = 0.03^2``. This is ``skimage.metrics.structural_similarity(..., channel_axis=...,
-        gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)``
-        (tested). Differentiable with respect to both inputs.
-    """
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim: x and y must be (B, C, H, W) of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if min(x.shape[-2:]) < window:
-        raise ValueError(f"ssim: images must be at least {window}x{window}, got {tuple(x.shape[-2:])}")
-    c1, c2 = 0.01**2, 0.03**2
-    c = x.shape[1]
-    g = _gaussian_window(window, sigma, x)
-    gh, gw = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, valid positions only
-        return F.conv2d(F.conv2d(t, gh, groups=c), gw, groups=c)
-
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.mean(dim=(1, 2, 3))
+# Full-reference fidelity terms (the metric math lives in finpercep.eval.metrics)
 
 
 class L1Reward:
