@@ -37,6 +37,7 @@ demo: setup
 	@echo "report: $(abspath $(DEMO))/report.html"
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	@bash tools/ensure_chromium.sh
 	FINPERCEP_CALIBRATION_DIR=$(VENV)/calibration $(PY) -m pytest -q
 

@@ -22,7 +22,7 @@ import torch
 
 from finpercep.data.gt_maps import GTMapper
 from finpercep.reward.losses import RMLossConfig, total_loss
-from finpercep.reward.model import FinPercepRM, RMConfig, RewardOutput
+from finpercep.reward.model import FinPercepRM, RewardOutput, RMConfig
 
 
 def timed(fn, reps: int, sync: bool) -> float:

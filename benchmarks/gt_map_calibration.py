@@ -21,7 +21,6 @@ import skimage.data as sd
 import torch
 from PIL import Image, ImageFilter
 
-from finpercep.backbones.efficientnet_lite import STAGES
 from finpercep.data.gt_maps import GTMapConfig, GTMapper, cosine_distance, pixel_distance
 
 IMAGES = ("astronaut", "chelsea", "coffee")

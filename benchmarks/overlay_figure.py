@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from finpercep.data.dataset import FGRDataset
-from finpercep.data.sheet import heatmap_overlay
 from finpercep.io import to_uint8
 from finpercep.reward.api import load_reward
+from finpercep.viz import heatmap_overlay
 
 
 def outline(img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""Fine-tune an SR policy with RL and measure it before and after on held-out photos
-(issue #4 section 4).
+"""Fine-tune an SR policy with RL and measure it before and after on held-out photos.
 
 One invocation = one row: it evaluates the pretrained policy on the first ``--eval-num`` LR/HR
 pairs of ``--test-data`` (photos never used for training), runs ``finpercep.rl.fine_tune`` (resumable:
@@ -28,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,10 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from finpercep.config import load_config  # noqa: E402
 from finpercep.eval.sr_quality import DIRECTION, evaluate_sr  # noqa: E402
 from finpercep.policies import load_policy  # noqa: E402
-from finpercep.rl import fine_tune, load_rl_config  # noqa: E402
-from finpercep.rl.common import PairData, read_metrics  # noqa: E402
+from finpercep.rl import RLConfig, fine_tune  # noqa: E402
+from finpercep.rl.common import PairData  # noqa: E402
+from finpercep.runs import read_metrics  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 COLUMNS = ["rm/score", "rm/map_mean", "rm/map_area", "niqe", "brisque", "piqe", "psnr", "ssim", "stlpips"]
@@ -70,10 +70,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     run = ROOT / "runs" / "bench-rl" / args.name
-    cfg = load_rl_config(args.config, steps=args.steps, batch=args.batch, crop=args.crop, lr=args.lr,
-                         lora_rank=args.lora_rank, sample_every=25, ckpt_every=10)
-    if args.group_size:
-        cfg = replace(cfg, dpo=replace(cfg.dpo, group_size=args.group_size), grpo=replace(cfg.grpo, group_size=args.group_size))
+    run_over = dict(steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, lora_rank=args.lora_rank,
+                    sample_every=25, ckpt_every=10)
+    group = dict(group_size=args.group_size or None)
+    cfg = load_config(RLConfig, args.config, run=run_over, dpo=group, grpo=group)
     test = PairData(args.test_data)
     idx = list(range(min(args.eval_num, len(test))))
     before_path = run.parent / f"{args.name}.before.json"
@@ -111,7 +111,10 @@ def step_times(run: Path) -> tuple[dict[str, float], float]:
     import statistics
 
     steps = [m for m in read_metrics(run) if m["step"] > 1]
-    med = lambda key: statistics.median(m.get(key, 0.0) for m in steps) if steps else 0.0
+
+    def med(key: str) -> float:
+        return statistics.median(m.get(key, 0.0) for m in steps) if steps else 0.0
+
     return {k: med(f"time/{k}") for k in TIMES}, med("time/step")
 
 

@@ -1,4 +1,4 @@
-"""Reward-model evaluation (issue 3, section 4): map quality, ordering, local sensitivity, speed.
+"""Reward-model evaluation: map quality, ordering, local sensitivity, speed.
 
     python benchmarks/rm_eval.py --test-data runs/fgr-test --run runs/rm-embedded \
         [--pixel-only-run RUN2] [--out docs/results/rm_eval.md] [--held-out realsr,seams] [--max-samples N]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                               warmup=args.speed_warmup, threads=args.threads)
         data.seconds["speed"] = time.perf_counter() - t1
 
-    from finpercep.data.builder import read_manifest
+    from finpercep.data.dataset import read_manifest
 
     counts: dict[str, int] = {}
     for t in data.triplets:

@@ -1,4 +1,4 @@
-"""Train the small SR policies ``tiny-x4`` and ``flow-x4`` and evaluate them (issue 4, section 1).
+"""Train the small SR policies ``tiny-x4`` and ``flow-x4`` and evaluate them.
 
     python benchmarks/train_policies.py --which both --photos runs/photos/train --out runs/policies \
         [--config YAML] [--test runs/photos/test] [--ship] [--eval-only] [--report docs/results/policies.md]
@@ -27,11 +27,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from finpercep.config import load_config
 from finpercep.io import atomic_write_bytes, save_json, to_uint8
 from finpercep.policies import load_policy, load_policy_checkpoint, save_policy
 from finpercep.policies.flow import FlowSR, FlowTrainConfig, train_flow
-from finpercep.policies.recipe_data import eval_pairs, load_yaml_config, read_metrics
+from finpercep.policies.recipe_data import eval_pairs
 from finpercep.policies.tiny import WEIGHTS_DIR, TinyTrainConfig, bicubic_upscale, train_tiny
+from finpercep.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES: dict[str, tuple[type, Callable[..., Path], Path, str]] = {
@@ -65,7 +67,7 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
     for key in ("tiny", "flow") if args.which == "both" else (args.which,):
         cfg_cls, train_fn, default_yaml, name = RECIPES[key]
         yaml_path = args.config or default_yaml
-        cfg = load_yaml_config(cfg_cls, yaml_path)
+        cfg = load_config(cfg_cls, yaml_path)
         t0 = time.perf_counter()
         ckpt = train_fn(cfg, args.photos, args.out / key, progress=True)
         wall = time.perf_counter() - t0

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from conftest import tree_bytes
-from finpercep.data.builder import BuildConfig, build_dataset, merge_datasets, read_manifest
-from finpercep.data.dataset import FGRDataset, check_dataset, collate
+from finpercep.data.builder import BuildConfig, build_dataset, merge_datasets
+from finpercep.data.dataset import FGRDataset, check_dataset, collate, read_manifest
 from finpercep.data.sr_zoo import resolve_families, user_family
 
 FAST = ("bicubic", "halo", "blocking")

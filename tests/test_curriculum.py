@@ -27,6 +27,7 @@ from finpercep.curriculum import (
 )
 from finpercep.reward.model import load_pretrained
 from finpercep.rewards import FusedReward
+from finpercep.types import Triplet
 
 
 def run_schedule(cfg: CurriculumConfig, rewards, state: CurriculumState | None = None, first_step: int = 1):
@@ -270,14 +271,17 @@ def test_make_triplets_swaps_a_region_of_the_policy_output(photos32):
 
     hr, sr = photos32, blur(photos32)
     t = make_triplets(hr, sr, np.random.default_rng(0), GTMapper(GTMapConfig(pixel_only=True)))
-    assert set(t) == {"hr", "syn", "sr", "mask", "map_syn"}
-    m = t["mask"]
+    assert isinstance(t, Triplet) and t.map_sr is None
+    m = t.mask
     assert m.shape == (4, 1, 32, 32) and set(m.unique().tolist()) <= {0.0, 1.0}
     area = m.mean(dim=(1, 2, 3))
     assert ((area >= 0.03) & (area <= 0.3)).all()
-    torch.testing.assert_close(t["syn"], m * sr + (1 - m) * hr)
-    assert t["map_syn"].shape == (4, 1, 32, 32) and 0 <= t["map_syn"].min() and t["map_syn"].max() <= 1
-    assert float(t["map_syn"][m.bool().expand_as(t["map_syn"]) == 0].max()) == 0  # pixel-only map: 0 outside
+    # 8-bit images, as the data engine stores them (the swap of arXiv 2512.22647, Sec. 2)
+    assert torch.equal(t.hr, torch.round(hr * 255) / 255) and torch.equal(t.sr, torch.round(sr * 255) / 255)
+    assert torch.equal(t.syn * 255, torch.round(t.syn * 255))
+    torch.testing.assert_close(t.syn, m * t.sr + (1 - m) * t.hr, rtol=0, atol=0)
+    assert t.map_syn.shape == (4, 1, 32, 32) and 0 <= t.map_syn.min() and t.map_syn.max() <= 1
+    assert float(t.map_syn[m.bool().expand_as(t.map_syn) == 0].max()) == 0  # pixel-only map: 0 outside
     with pytest.raises(ValueError, match="shape of hr"):
         make_triplets(hr, sr[..., :16], np.random.default_rng(0), GTMapper(GTMapConfig(pixel_only=True)))
 
@@ -303,8 +307,9 @@ def _write_tiny_dataset(root: Path, hr: torch.Tensor, sr: torch.Tensor) -> None:
 def test_heldout_set_from_a_data_set(tmp_path, photos32):
     _write_tiny_dataset(tmp_path / "d", photos32, blur(photos32))
     h = heldout_from_dataset(tmp_path / "d", 3)
-    assert {k: tuple(v.shape) for k, v in h.items()} == {"hr": (3, 3, 32, 32), "syn": (3, 3, 32, 32),
-                                                          "sr": (3, 3, 32, 32), "map_syn": (3, 1, 32, 32)}
+    shapes = {k: tuple(getattr(h, k).shape) for k in ("hr", "syn", "sr", "map_syn")}
+    assert shapes == {"hr": (3, 3, 32, 32), "syn": (3, 3, 32, 32), "sr": (3, 3, 32, 32), "map_syn": (3, 1, 32, 32)}
+    assert h.mask is None and h.map_sr is None
 
 
 def test_one_coevolution_refresh_changes_the_reward_model(tiny_rm_run, photos32, tmp_path):

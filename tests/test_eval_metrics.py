@@ -1,4 +1,4 @@
-"""finpercep.eval.metrics: hand-made cases and brute-force definitions (no sklearn)."""
+"""finpercep.metrics: hand-made cases and brute-force definitions (no sklearn)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from finpercep.eval.metrics import (
+from finpercep.metrics import (
     DEFAULT_IOU_THRESHOLD,
     average_precision,
     drop_fraction,

@@ -1,4 +1,4 @@
-"""Faults of the data engine (issue #9): each bad input or broken environment ends in one clear
+"""Faults of the data engine: each bad input or broken environment ends in one clear
 line and a state a rerun can resume from, never in a traceback, a corrupt map or an orphan process."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from conftest import tree_bytes
 from finpercep import cli
 from finpercep.data import sheet
 from finpercep.data.builder import BuildConfig, build_dataset
-from finpercep.data.dataset import FGRDataset, check_dataset
+from finpercep.data.dataset import FGRDataset, check_dataset, read_manifest
 
 BUILD_ARGS = ["--num", "2", "--crop", "64", "--masks-per-sr", "2", "--families", "bicubic", "--workers", "1"]
 
@@ -52,13 +52,16 @@ def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("line", ["42", '{"hr": "x.png"}', '{"id": 7}', "[1, 2]"])
-@pytest.mark.parametrize("reader", ["builder", "sheet", "dataset"])
+@pytest.mark.parametrize("reader", ["read_manifest", "sheet", "dataset", "pairs"])
 def test_a_manifest_line_that_is_not_a_record_names_file_and_line(dataset: Path, line: str, reader: str) -> None:
+    from finpercep.rl.common import PairData
+
     manifest = dataset / "manifest.jsonl"
     first = manifest.read_text().splitlines()[0]
     manifest.write_text(f"{first}\n{line}\n")
-    read = {"builder": builder.read_manifest, "sheet": sheet.read_manifest, "dataset": FGRDataset}[reader]
-    with pytest.raises(ValueError, match=rf"manifest\.jsonl line 2: not a sample record .*; fix or delete that line"):
+    read = {"read_manifest": read_manifest, "sheet": lambda d: sheet.render_contact_sheet(d, d / "sheet.png"),
+            "dataset": FGRDataset, "pairs": PairData}[reader]
+    with pytest.raises(ValueError, match=r"manifest\.jsonl line 2: not a sample record .*; fix or delete that line"):
         read(dataset)
 
 
@@ -67,7 +70,7 @@ def test_a_record_missing_a_key_names_the_line_and_the_key(dataset: Path) -> Non
     rec = json.loads(manifest.read_text().splitlines()[1])
     del rec["map_syn"]
     manifest.write_text(manifest.read_text().splitlines()[0] + "\n" + json.dumps(rec) + "\n")
-    for read in (sheet.read_manifest, FGRDataset):
+    for read in (lambda d: sheet.render_contact_sheet(d, d / "sheet.png"), FGRDataset):
         with pytest.raises(ValueError, match=r"line 2: sample s0000001 has missing keys \['map_syn'\]"):
             read(dataset)
     assert len(FGRDataset(dataset, keys=("hr", "syn"))) == 2  # a reader that does not need it still works
@@ -94,7 +97,7 @@ def test_a_map_with_nan_or_out_of_range_values_is_refused(dataset: Path, bad: fl
     np.save(path, m)
     ds = FGRDataset(dataset, keys=("hr", "map_syn"))
     assert float(ds[0]["map_syn"].max()) <= 1  # the other sample reads as before
-    with pytest.raises(ValueError, match=rf"sample s0000001: map_syn .*s0000001_map_syn\.npy .*rebuild the sample"):
+    with pytest.raises(ValueError, match=r"sample s0000001: map_syn .*s0000001_map_syn\.npy .*rebuild the sample"):
         ds[1]
     assert [p for p in check_dataset(dataset) if p.startswith("s0000001: map_syn")]
 
@@ -104,7 +107,7 @@ def test_a_nan_map_does_not_reach_reward_model_training(dataset: Path) -> None:
 
     path = dataset / builder.sample_paths(0)["map_syn"]
     np.save(path, np.full_like(np.load(path), np.nan))
-    triplets = Triplets(dataset, builder.read_manifest(dataset), pixel_only=False)
+    triplets = Triplets(dataset, read_manifest(dataset), pixel_only=False)
     with pytest.raises(ValueError, match="sample s0000000: map_syn .* NaN or infinite"):
         triplets.load([1, 0], None, np.random.default_rng(0))
 

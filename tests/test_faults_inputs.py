@@ -1,6 +1,6 @@
 """What users hand the library and the CLI: rotated phone JPEGs, transparent PNGs, float64 /
 integer / bool / complex tensors, NaN float TIFFs, decompression bombs, killed writers, full disks
-and ``--out`` paths that name a file (issue #9)."""
+and ``--out`` paths that name a file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training runs, checkpoints and configs under faults (issue #9): same seed -> same LoRA run, a
+"""Training runs, checkpoints and configs under faults: same seed -> same LoRA run, a
 kill at any point -> a rerun that finishes the job with each metrics line once, damaged or foreign
 files and nonsense config values -> one line naming the problem, never a traceback."""
 
@@ -15,20 +15,20 @@ import torch
 from PIL import Image
 
 from finpercep.cli import main
-from finpercep.config import from_dict, load_yaml
+from finpercep.config import from_dict, load_config, load_yaml
 from finpercep.policies import load_policy, load_policy_checkpoint, save_policy
 from finpercep.policies.flow import FlowConfig, FlowSR, FlowTrainConfig
 from finpercep.policies.lora import apply_lora
-from finpercep.policies.recipe_data import load_yaml_config
 from finpercep.policies.rrdbnet import RRDBConfig, RRDBNet
 from finpercep.policies.tiny import TinyConfig, TinySR, TinyTrainConfig
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
-from finpercep.reward.train import RMTrainConfig, Triplets, load_train_config, train_reward_model
-from finpercep.rl import ALGORITHMS, RLConfig, load_rl_config
-from finpercep.rl.common import PairData, RunConfig, read_metrics, run_meta
+from finpercep.reward.train import RMTrainConfig, Triplets, train_reward_model
+from finpercep.rl import ALGORITHMS, RLConfig
+from finpercep.rl.common import PairData, RunConfig, run_meta
 from finpercep.rl.dpo import DPOConfig
 from finpercep.rl.grpo import GRPOConfig
 from finpercep.rl.refl import ReFLConfig
+from finpercep.runs import read_metrics
 from finpercep.types import NonFiniteError, RewardOutput
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -90,7 +90,7 @@ class ToyReward:
 
 
 def run_cfg(**kw) -> RunConfig:
-    base = dict(steps=2, batch=2, crop=16, lr=1e-2, sample_every=0, ckpt_every=1, max_grad_norm=0.0)
+    base = dict(steps=2, batch=2, crop=16, learning_rate=1e-2, sample_every=0, ckpt_every=1, max_grad_norm=0.0)
     return RunConfig(**{**base, **kw})
 
 
@@ -268,7 +268,10 @@ def test_rm_kill_before_a_stages_first_checkpoint_logs_each_step_once(rm_data, t
     assert metric_keys(tmp_path / "run")[-2:] == [(1, 1, False), (1, 2, False)]
     monkeypatch.setattr(rm_train, "save_checkpoint", real_save)
     train_reward_model(rm_data, tmp_path / "run", rm_cfg(), progress=False)
-    stage = lambda k: [(k, 1, False), (k, 2, False), (k, 3, False), (k, 3, True)]  # 3 steps, then validation
+
+    def stage(k: int) -> list[tuple[int, int, bool]]:
+        return [(k, 1, False), (k, 2, False), (k, 3, False), (k, 3, True)]  # 3 steps, then validation
+
     assert metric_keys(tmp_path / "run") == stage(0) + stage(1)
 
 
@@ -358,7 +361,7 @@ def test_huge_architecture_in_a_checkpoint_config_is_refused_before_allocating(t
     ({"run": {"batch": "two"}}, "cfg.yaml: run.batch: expected int, got 'two' (str)"),
     ({"run": {"steps": 2.5}}, "run.steps: expected int, got 2.5 (float)"),
     ({"run": {"seed": True}}, "run.seed: expected int, got True (bool)"),
-    ({"run": {"lr": "fast"}}, "run.lr: expected a number, got 'fast' (str)"),
+    ({"run": {"learning_rate": "fast"}}, "run.learning_rate: expected a number, got 'fast' (str)"),
     ({"run": {"lora_alpha": "x"}}, "run.lora_alpha: expected a number or null, got 'x'"),
     ({"run": 5}, "cfg.yaml: run: expected a mapping of RunConfig fields, got 5 (int)"),
     ({"curriculum": {"mode": "sometimes"}}, "curriculum.mode: expected one of ['none', 'fixed', 'auto', 'coevolve']"),
@@ -373,9 +376,9 @@ def test_config_values_of_the_wrong_type_name_key_type_and_value(data, fragment)
 
 
 def test_config_accepts_the_json_and_yaml_forms_of_each_type():
-    cfg = from_dict(RLConfig, {"run": {"lr": 1, "lora_alpha": None}, "refl": {"reward_weight": "1e-3"},
+    cfg = from_dict(RLConfig, {"run": {"learning_rate": 1, "lora_alpha": None}, "refl": {"reward_weight": "1e-3"},
                                "curriculum": {"stages": [0, 2], "l1": [0.5, 1], "mode": "fixed"}})
-    assert cfg.run.lr == 1.0 and isinstance(cfg.run.lr, float) and cfg.run.lora_alpha is None
+    assert cfg.run.learning_rate == 1.0 and isinstance(cfg.run.learning_rate, float) and cfg.run.lora_alpha is None
     assert cfg.refl.reward_weight == 1e-3  # PyYAML reads 1e-3 as a string
     assert cfg.curriculum.stages == (0, 2) and cfg.curriculum.l1 == (0.5, 1.0)
 
@@ -384,11 +387,11 @@ def test_config_accepts_the_json_and_yaml_forms_of_each_type():
 def test_shipped_configs_still_load(name):
     path = CONFIGS / name
     if name.startswith("rm_"):
-        load_train_config(path)
+        load_config(RMTrainConfig, path)
     elif name.startswith("policy_"):
-        load_yaml_config(TinyTrainConfig if "tiny" in name else FlowTrainConfig, path)
+        load_config(TinyTrainConfig if "tiny" in name else FlowTrainConfig, path)
     else:
-        load_rl_config(path)
+        load_config(RLConfig, path)
 
 
 @pytest.mark.parametrize("command, text, fragments", [
@@ -422,8 +425,8 @@ def test_load_yaml_binary_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("build, fragment", [
-    (lambda: RunConfig(lr=-1), "run.lr must be a finite number > 0, got -1"),
-    (lambda: RunConfig(lr=float("nan")), "run.lr must be a finite number > 0"),
+    (lambda: RunConfig(learning_rate=-1), "run.learning_rate must be a finite number > 0, got -1"),
+    (lambda: RunConfig(learning_rate=float("nan")), "run.learning_rate must be a finite number > 0"),
     (lambda: RunConfig(max_grad_norm=-1.0), "run.max_grad_norm must be >= 0"),
     (lambda: RunConfig(seed=-3), "run.seed must be >= 0"),
     (lambda: RunConfig(lora_alpha=0.0), "run.lora_alpha must be a finite number > 0"),
@@ -431,11 +434,11 @@ def test_load_yaml_binary_file_is_one_line(tmp_path):
     (lambda: GRPOConfig(timestep_fraction=1.5), "grpo.timestep_fraction must be in [0, 1]"),
     (lambda: GRPOConfig(adv_eps=0.0), "grpo.adv_eps must be a finite number > 0"),
     (lambda: DPOConfig(beta=float("inf")), "dpo.beta must be a finite number > 0"),
-    (lambda: RMTrainConfig(lr=-1), "RMTrainConfig.lr must be a finite number > 0, got -1"),
+    (lambda: RMTrainConfig(learning_rate=-1), "RMTrainConfig.learning_rate must be a finite number > 0, got -1"),
     (lambda: RMTrainConfig(batch_size=0), "RMTrainConfig.batch_size must be >= 1"),
     (lambda: RMTrainConfig(weight_decay=-0.1), "RMTrainConfig.weight_decay must be >= 0"),
     (lambda: RMTrainConfig(grown_backbone_lr=-1.0), "RMTrainConfig.grown_backbone_lr must be >= 0"),
-    (lambda: TinyTrainConfig(lr=-1), "recipe.lr must be a finite number > 0"),
+    (lambda: TinyTrainConfig(learning_rate=-1), "recipe.learning_rate must be a finite number > 0"),
     (lambda: FlowTrainConfig(warmup=-5), "recipe.warmup must be >= 0"),
     (lambda: FlowConfig(channels=200000), "FlowConfig.channels must be in [1, 1024]"),
     (lambda: FlowConfig(num_steps=10**6), "FlowConfig.num_steps must be in [1, 1000]"),
@@ -448,14 +451,14 @@ def test_config_values_out_of_range_are_refused(build, fragment):
 
 def test_cli_negative_learning_rates_are_refused(tmp_path, capsys, pairs):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("lr: -1\n")
+    cfg.write_text("learning_rate: -1\n")
     code, _, err = cli(capsys, "rm", "train", "--data", tmp_path, "--out", tmp_path / "o", "--config", cfg)
     assert code == 2
-    one_error_line(err, "cfg.yaml: RMTrainConfig.lr must be a finite number > 0, got -1")
+    one_error_line(err, "cfg.yaml: RMTrainConfig.learning_rate must be a finite number > 0, got -1")
     code, _, err = cli(capsys, "rl", "train", "--policy", "tiny-x4", "--algo", "refl", "--data", pairs,
                        "--out", tmp_path / "r", "--lr", "-1")
     assert code == 2
-    one_error_line(err, "run.lr must be a finite number > 0, got -1")
+    one_error_line(err, "run.learning_rate must be a finite number > 0, got -1")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
 
@@ -468,7 +471,7 @@ def test_rm_nan_map_stops_with_one_line_naming_the_step(rm_data, tmp_path, capsy
 
     def nan_maps(self, idx, crop, rng):
         batch = real_load(self, idx, crop, rng)
-        batch["map_syn"][:, :, 0, 0] = float("nan")
+        batch.map_syn[:, :, 0, 0] = float("nan")
         return batch
 
     monkeypatch.setattr(Triplets, "load", nan_maps)
@@ -483,5 +486,5 @@ def test_rm_nan_map_stops_with_one_line_naming_the_step(rm_data, tmp_path, capsy
     one_error_line(err, "stage 1 step 1: non-finite loss/map", "last good checkpoint", "ckpt/s0-0000001")
     assert (run / "stage_0" / "val.json").exists() and not (run / "stage_1").exists()
     with pytest.raises(NonFiniteError):  # the library raises the same error (a ValueError too)
-        train_reward_model(rm_data, run, load_train_config(cfg, stages=1, steps_per_stage=(2,), batch_size=2),
+        train_reward_model(rm_data, run, load_config(RMTrainConfig, cfg, stages=1, steps_per_stage=(2,), batch_size=2),
                            progress=False)

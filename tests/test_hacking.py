@@ -49,7 +49,7 @@ def pairs96(tmp_path_factory) -> Path:
 def test_tiny_experiment_end_to_end(pairs96, tmp_path, tiny_rm_run):
     torch.manual_seed(0)
     pol = save_policy(TinySR(TinyConfig(channels=8, num_layers=1)), tmp_path / "tiny")
-    cfg = RLConfig(run=RunConfig(steps=3, batch=2, crop=32, lr=1e-3, sample_every=0, ckpt_every=10),
+    cfg = RLConfig(run=RunConfig(steps=3, batch=2, crop=32, learning_rate=1e-3, sample_every=0, ckpt_every=10),
                    curriculum=CurriculumConfig(schedule=(1, 1)))
     out = tmp_path / "exp"
     res = run_experiment("refl", str(pol), pairs96, pairs96, tiny_rm_run, out, cfg, arms=["a-rm0", "d-fixed"],

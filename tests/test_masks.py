@@ -1,4 +1,4 @@
-"""Swap masks B (PAPER.md section 2): one contract for every kind in MASK_KINDS."""
+"""Swap masks B (arXiv 2512.22647, the region swap of FGR-30k): one contract for every kind in MASK_KINDS."""
 
 from __future__ import annotations
 

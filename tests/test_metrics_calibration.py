@@ -1,4 +1,4 @@
-"""Metrics against published values and reference implementations (issue #9).
+"""Metrics against published values and reference implementations.
 
 Three kinds of reference numbers, each cited where it is used:
 
@@ -41,7 +41,7 @@ from skimage.metrics import structural_similarity
 
 from finpercep.baselines import brisque, piqe
 from finpercep.baselines.brisque import rgb2gray_matlab
-from finpercep.eval.metrics import psnr, psnr_y, rgb_to_y, ssim, ssim_downsample_factor, ssim_y
+from finpercep.metrics import psnr, psnr_y, rgb_to_y, ssim, ssim_downsample_factor, ssim_y
 
 # ----------------------------------------------------------------------------- images
 

@@ -172,7 +172,7 @@ def test_broken_or_stale_cache_is_reconverted(converted, tmp_path, monkeypatch, 
 
 def test_killed_conversion_leaves_no_cache(tmp_path, monkeypatch, caplog) -> None:
     """A conversion killed while writing leaves neither a cache folder nor temporary files."""
-    import finpercep.policies as policies
+    import finpercep.policies.checkpoint as policies
 
     real_save = policies.save_policy
 

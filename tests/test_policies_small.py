@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from finpercep.config import to_dict
+from finpercep.config import load_config, to_dict
 from finpercep.policies import load_policy, load_policy_checkpoint, save_policy
 from finpercep.policies.flow import FlowConfig, FlowSR, FlowTrainConfig, load_flow, train_flow
-from finpercep.policies.recipe_data import eval_pairs, load_yaml_config, read_metrics, sample_batch
-from finpercep.policies.tiny import TinyConfig, TinySR, TinyTrainConfig, bicubic_upscale, clamp01_st, load_tiny, train_tiny
+from finpercep.policies.recipe_data import eval_pairs, sample_batch
+from finpercep.policies.tiny import (
+    TinyConfig,
+    TinySR,
+    TinyTrainConfig,
+    bicubic_upscale,
+    clamp01_st,
+    load_tiny,
+    train_tiny,
+)
+from finpercep.runs import read_metrics
 from finpercep.types import Policy, StochasticPolicy, Trajectory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,9 +280,31 @@ def test_recipe_runs_writes_metrics_and_a_loadable_checkpoint(tmp_path, photo_di
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rerun.state_dict().values()))
 
 
+# Recorded with the two recipes' own loops before they became one (train_recipe + a loss function):
+# the losses of steps 0..2 and the sum of the trained weights, seed 3, one thread.
+RECIPE_BEFORE = {
+    "tiny": ([0.0796496793627739, 0.06502023339271545, 0.055850863456726074], -2.5560847383458167),
+    "flow": ([2.351428985595703, 1.9101426601409912, 1.4798715114593506], -4.4416094338440075),
+}
+
+
+@pytest.mark.parametrize("which", ["tiny", "flow"])
+def test_recipe_loop_reproduces_the_recipes_before_they_shared_it(tmp_path, photo_dir, which):
+    if which == "tiny":
+        cfg, train_fn, key = TinyTrainConfig(model=TinyConfig(channels=8, num_layers=1), steps=3, batch=2, crop=32,
+                                             threads=1, log_every=1, seed=3), train_tiny, "loss/l1"
+    else:
+        cfg, train_fn, key = FlowTrainConfig(model=FlowConfig(channels=8, num_blocks=1, time_dim=8, num_steps=2),
+                                             steps=3, batch=2, crop=32, threads=1, log_every=1, seed=3), train_flow, "loss/fm"
+    model = load_policy_checkpoint(train_fn(cfg, photo_dir, tmp_path / which, progress=False))
+    losses, weight_sum = RECIPE_BEFORE[which]
+    assert [m[key] for m in read_metrics(tmp_path / which)] == pytest.approx(losses, rel=1e-5)
+    assert sum(float(t.double().sum()) for t in model.state_dict().values()) == pytest.approx(weight_sum, rel=1e-5)
+
+
 @pytest.mark.parametrize("cls, name", [(TinyTrainConfig, "policy_tiny.yaml"), (FlowTrainConfig, "policy_flow.yaml")])
 def test_recipe_yaml_parses(cls, name):
-    cfg = load_yaml_config(cls, ROOT / "configs" / name)
+    cfg = load_config(cls, ROOT / "configs" / name)
     assert isinstance(cfg, cls) and cfg.steps >= 1
     with pytest.raises(ValueError, match="unknown keys"):
         from finpercep.config import from_dict
@@ -294,7 +325,7 @@ def test_shipped_weights_load_as_their_recipe(name, cls, yaml_name):
     cfg_cls = TinyTrainConfig if cls is TinySR else FlowTrainConfig
     model = load_policy(name)
     assert isinstance(model, cls) and model.name == name and model.scale == 4 and not model.training
-    assert model.cfg == load_yaml_config(cfg_cls, ROOT / "configs" / yaml_name).model  # shipped = the recipe
+    assert model.cfg == load_config(cfg_cls, ROOT / "configs" / yaml_name).model  # shipped = the recipe
 
 
 @pytest.fixture(scope="module")

@@ -218,14 +218,13 @@ def test_stage_spans_cover_each_stage():
 
 def test_report_of_a_real_rl_run(tmp_path):
     """A run written by the ReFL loop itself (tiny policy, toy reward, 2 steps) renders."""
+    import skimage.data as sd
     import torch
 
     from finpercep.policies.tiny import TinyConfig, TinySR
     from finpercep.rl import ALGORITHMS, RLConfig
     from finpercep.rl.common import PairData, RunConfig, run_meta
     from finpercep.types import RewardOutput
-
-    import skimage.data as sd
 
     data = tmp_path / "pairs"
     (data / "samples").mkdir(parents=True)
@@ -249,7 +248,7 @@ def test_report_of_a_real_rl_run(tmp_path):
             return self
 
     torch.manual_seed(0)
-    cfg = RunConfig(steps=2, batch=2, crop=16, lr=1e-2, sample_every=1, ckpt_every=2)
+    cfg = RunConfig(steps=2, batch=2, crop=16, learning_rate=1e-2, sample_every=1, ckpt_every=2)
     run = tmp_path / "refl"
     ALGORITHMS["refl"](TinySR(TinyConfig(channels=8, num_layers=1)), Grey(), PairData(data), run, cfg,
                        RLConfig().refl, meta=run_meta("refl", "tiny", "grey", data, cfg), progress=False)

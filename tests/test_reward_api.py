@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from finpercep.io import output_names
 from finpercep.reward import api, score
 from finpercep.reward.api import ImageScore, embedded_checkpoint_dir, load_reward, resolve_checkpoint, score_images
 from finpercep.reward.model import FinPercepRM, RMConfig, save_pretrained
-from finpercep.reward.score import output_names, run_score
+from finpercep.reward.score import run_score
 
 TINY = dict(decoder_channels=8, score_hidden=16)
 
@@ -82,6 +83,25 @@ def test_load_reward_is_frozen_and_differentiable_wrt_input(ckpts, model2):
     x.grad = None
     model2(x).map.mean().backward()  # the map is differentiable too
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stage, spec", [(None, "finpercep"), (0, "finpercep:0"), (1, "finpercep:1")])
+def test_load_reward_is_a_reward_like_create_reward(ckpts, stage, spec):
+    import math
+
+    from finpercep.rewards import create_reward
+    from finpercep.types import Reward
+
+    rm, r = load_reward(ckpts["run"], stage), create_reward(spec, checkpoint=ckpts["run"])
+    assert isinstance(rm, Reward) and isinstance(r, Reward)
+    meta = ("name", "needs_reference", "differentiable", "range", "has_map")
+    assert [getattr(rm, k) for k in meta] == [getattr(r, k) for k in meta]
+    assert rm.name == spec and rm.range == (-math.inf, math.inf) and rm.has_map == (rm.stage > 0)
+    assert rm.to("cpu") is rm
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(3))
+    a, b = rm(x, lr=x[..., ::4, ::4], hr=x), r(x)  # the Reward call; lr and hr are ignored
+    torch.testing.assert_close(a.score, b.score)
+    assert (a.map is None) == (b.map is None) == (stage == 0)
 
 
 def test_run_folder_picks_last_complete_stage_or_the_asked_one(ckpts):

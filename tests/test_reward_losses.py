@@ -1,4 +1,4 @@
-"""FinPercep-RM losses (PAPER.md section 3) on hand-made cases with known values."""
+"""FinPercep-RM losses (arXiv 2512.22647: L_map, L_rank, L_align) on hand-made cases with known values."""
 
 from __future__ import annotations
 

@@ -6,15 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from finpercep.config import load_config
 from finpercep.data.builder import BuildConfig, build_dataset
+from finpercep.io import latest_checkpoint
+from finpercep.reward.losses import RMLossConfig
 from finpercep.reward.model import RMConfig, load_pretrained
-from finpercep.reward.train import RMTrainConfig, latest_checkpoint, load_train_config, train_reward_model
+from finpercep.reward.train import RMTrainConfig, rm_train_step, train_reward_model
+from finpercep.types import NonFiniteError, Triplet
 
 SRC = str(Path(__file__).parents[1] / "src")
 
@@ -82,7 +85,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
 def test_resume_refuses_other_settings(tiny_data, tmp_path):
     train_reward_model(tiny_data, tmp_path / "r", tiny_cfg(stages=0, steps_per_stage=(1,)), progress=False)
     with pytest.raises(ValueError, match="other settings"):
-        train_reward_model(tiny_data, tmp_path / "r", tiny_cfg(stages=0, steps_per_stage=(1,), lr=0.5),
+        train_reward_model(tiny_data, tmp_path / "r", tiny_cfg(stages=0, steps_per_stage=(1,), learning_rate=0.5),
                            progress=False)
 
 
@@ -94,11 +97,70 @@ def test_pixel_only_variant_and_held_out_family(tiny_data, tmp_path):
 
 def test_yaml_config_and_unknown_keys(tmp_path):
     (tmp_path / "c.yaml").write_text("batch_size: 3\nmodel:\n  decoder_channels: 16\nloss:\n  m1: 0.5\n")
-    cfg = load_train_config(tmp_path / "c.yaml", stages=1)
+    cfg = load_config(RMTrainConfig, tmp_path / "c.yaml", stages=1)
     assert cfg.batch_size == 3 and cfg.model.decoder_channels == 16 and cfg.loss.m1 == 0.5 and cfg.stages == 1
     (tmp_path / "bad.yaml").write_text("batch_sise: 3\n")
     with pytest.raises(ValueError, match="batch_sise"):
-        load_train_config(tmp_path / "bad.yaml")
+        load_config(RMTrainConfig, tmp_path / "bad.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimiser step, shared with co-evolution
+
+
+def _triplet(seed: int = 0, nan_map: bool = False) -> Triplet:
+    g = torch.Generator().manual_seed(seed)
+    hr, sr = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    map_syn = mask.clone()
+    if nan_map:
+        map_syn[:, :, 0, 0] = float("nan")
+    return Triplet(hr=hr, syn=mask * sr + (1 - mask) * hr, sr=sr, map_syn=map_syn, mask=mask)
+
+
+def test_rm_train_step_takes_one_step_and_logs_its_terms(tiny_rm_run):
+    model, base = load_pretrained(tiny_rm_run / "stage_1").train(), load_pretrained(tiny_rm_run / "stage_0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    logs = rm_train_step(model, _triplet(), RMLossConfig(), opt, base=base.requires_grad_(False))
+    assert {"loss/total", "loss/rank", "loss/map", "loss/align", "rank/ordered", "grad_norm"} <= set(logs)
+    assert logs["grad_norm"] > 0 and all(isinstance(v, float) for v in logs.values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), load_pretrained(tiny_rm_run / "stage_0")
+                                                 .state_dict().values()))  # RM_0 is only a target
+
+
+def test_rm_train_step_refuses_a_non_finite_loss_before_touching_the_model(tiny_rm_run):
+    model = load_pretrained(tiny_rm_run / "stage_1").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(NonFiniteError, match="^non-finite loss/map, loss/total$"):
+        rm_train_step(model, _triplet(nan_map=True), RMLossConfig(), opt)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_coevolution_refreshes_with_the_reward_model_step(tiny_rm_run, monkeypatch):
+    import finpercep.reward.train as rm_train
+    from finpercep.curriculum import CoevolveConfig, Coevolver
+
+    calls = []
+
+    def recording(model, batch, loss_cfg, opt, **kw):
+        calls.append((model, len(batch), loss_cfg, kw))
+        return real(model, batch, loss_cfg, opt, **kw)
+
+    real = rm_train.rm_train_step
+    monkeypatch.setattr(rm_train, "rm_train_step", recording)
+    cfg = CoevolveConfig(rm_steps=2, batch=2, buffer=4, heldout=0, rollouts_per_step=0, mask_kinds=("ellipse",))
+    base = load_pretrained(tiny_rm_run / "stage_0")
+    co = Coevolver(cfg, base=base, load_stage=lambda k: load_pretrained(tiny_rm_run / f"stage_{k}"))
+    t = _triplet()
+    co.add(t.hr, t.sr)
+    logs = co.refresh(1, step=10)
+    assert [(m, n, c, kw) for m, n, c, kw in calls] == [(co.model(1), 2, cfg.loss, {"base": base, "max_grad_norm": 5.0})] * 2
+    assert logs["coevolve/rm_loss"] > 0 and logs["coevolve/refreshes"] == 1
 
 
 def _torchrun(tiny_data: Path, out: Path, nproc: int, batch: int) -> subprocess.CompletedProcess:

@@ -15,25 +15,27 @@ import pytest
 import torch
 from PIL import Image
 
+from finpercep.config import load_config
+from finpercep.io import latest_checkpoint
 from finpercep.policies import load_policy, save_policy
 from finpercep.policies.flow import FlowConfig, FlowSR
 from finpercep.policies.lora import adapters_disabled, apply_lora, merge_lora
 from finpercep.policies.tiny import TinyConfig, TinySR
-from finpercep.rl import ALGORITHMS, RLConfig, fine_tune, load_rl_config
+from finpercep.rl import ALGORITHMS, RLConfig, fine_tune
 from finpercep.rl.common import (
-    NonFiniteError,
+    FixedReward,
     PairData,
     RunConfig,
+    as_reward_source,
     credit_weight,
     group_advantages,
-    latest_checkpoint,
-    read_metrics,
     run_meta,
 )
 from finpercep.rl.dpo import DPOConfig, best_and_worst, dpo_loss
 from finpercep.rl.grpo import GRPOConfig, clipped_objective, kl_k3
 from finpercep.rl.refl import ReFLConfig
-from finpercep.types import RewardOutput
+from finpercep.runs import read_metrics
+from finpercep.types import NonFiniteError, RewardOutput, RewardSource, Rollout
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -100,7 +102,7 @@ class NaNReward(ToyReward):
 
 
 def run_cfg(**kw) -> RunConfig:
-    base = dict(steps=2, batch=2, crop=16, lr=1e-2, sample_every=1, ckpt_every=1, max_grad_norm=0.0)
+    base = dict(steps=2, batch=2, crop=16, learning_rate=1e-2, sample_every=1, ckpt_every=1, max_grad_norm=0.0)
     base.update(kw)
     return RunConfig(**base)
 
@@ -179,11 +181,52 @@ def test_run_config_and_yaml(tmp_path):
         GRPOConfig(group_size=1)
     p = tmp_path / "c.yaml"
     p.write_text("run:\n  steps: 7\n  lora_rank: 4\ngrpo:\n  kl_beta: 0.1\n")
-    cfg = load_rl_config(p, steps=3, batch=None)
+    cfg = load_config(RLConfig, p, run=dict(steps=3, batch=None))
     assert cfg.run.steps == 3 and cfg.run.lora_rank == 4 and cfg.grpo.kl_beta == 0.1
     p.write_text("run:\n  stepz: 7\n")
     with pytest.raises(ValueError, match="stepz"):
-        load_rl_config(p)
+        load_config(RLConfig, p)
+
+
+def _rollout(n: int = 2, g: int = 2, k: int = 3, **kw) -> Rollout:
+    """``n`` LR images x ``g`` samples of a flow policy with ``k`` steps, scored by ToyReward."""
+    lr = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(0)).repeat_interleave(g, dim=0)
+    hr = torch.rand(n * g, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    traj = FlowSR(FlowConfig(channels=8, num_blocks=1, time_dim=8, num_steps=k)).sample(lr, torch.Generator().manual_seed(2))
+    return Rollout(lr=lr, hr=hr, traj=traj, reward=ToyReward()(traj.sr), group_size=g, **kw)
+
+
+def test_rollout_checks_shapes_and_gives_the_first_of_each_group():
+    ro = _rollout(advantages=torch.zeros(4), steps=(0, 2), old_log_probs={0: torch.zeros(4), 2: torch.zeros(4)})
+    assert len(ro) == 4
+    lr, sr, hr, out = ro.group_firsts()
+    assert torch.equal(sr, ro.traj.sr[[0, 2]]) and torch.equal(hr, ro.hr[[0, 2]]) and torch.equal(lr, ro.lr[[0, 2]])
+    assert torch.equal(out.score, ro.reward.score[[0, 2]]) and out.map.shape == (2, 1, 16, 16)
+    good = dict(lr=ro.lr, hr=ro.hr, traj=ro.traj, reward=ro.reward, group_size=2)
+    for change, message in [
+        (dict(hr=ro.hr[:, :, :8]), r"Rollout.traj.sr must be \(4, 3, 8, 16\), got \(4, 3, 16, 16\)"),
+        (dict(hr=ro.hr[:3]), r"Rollout.hr must be \(4, 3, 16, 16\), got \(3, 3, 16, 16\)"),
+        (dict(group_size=3), "4 rows do not form groups of group_size=3"),
+        (dict(reward=RewardOutput(score=ro.reward.score[:2])), r"Rollout.reward.score must be \(4,\)"),
+        (dict(advantages=torch.zeros(4, 1)), r"Rollout.advantages must be \(4,\), got \(4, 1\)"),
+        (dict(pixel_weight=torch.ones(4, 3, 16, 16)), r"Rollout.pixel_weight must be \(4, 1, 16, 16\)"),
+        (dict(steps=(1,), old_log_probs={0: torch.zeros(4)}), r"expected \[1\]"),
+        (dict(steps=(1,), old_log_probs={1: torch.zeros(2)}), r"Rollout.old_log_probs\[1\] must be \(4,\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Rollout(**{**good, **change})
+
+
+def test_a_reward_and_a_curriculum_are_reward_sources(tiny_rm_run):
+    from finpercep.curriculum import Curriculum, CurriculumConfig
+
+    reward = ToyReward()
+    assert not isinstance(reward, RewardSource)
+    src = as_reward_source(reward)
+    assert isinstance(src, FixedReward) and isinstance(src, RewardSource) and src.reward is reward
+    assert (src.add_rollout(torch.zeros(1), torch.zeros(1)), src.observe(1, 0.5), src.logs(), src.state_dict()) == (0, None, {}, {})
+    cur = Curriculum(CurriculumConfig(mode="fixed", schedule=(2,)), tiny_rm_run)
+    assert isinstance(cur, RewardSource) and as_reward_source(cur) is cur
 
 
 def test_pair_data_batches_are_a_function_of_seed_and_step(pairs):
@@ -313,6 +356,23 @@ def test_resume_equals_an_uninterrupted_run(pairs, tmp_path, algo):
         train(algo, make(), ToyReward(), pairs, tmp_path / "part", run_cfg(steps=4))
 
 
+def test_a_run_saved_with_the_old_lr_key_resumes(pairs, tmp_path):
+    """Runs written before ``run.lr`` became ``run.learning_rate`` resume like any other."""
+    whole = tiny_policy()
+    train("refl", whole, ToyReward(), pairs, tmp_path / "whole", run_cfg(steps=2))
+    old = tmp_path / "old"
+    train("refl", tiny_policy(), ToyReward(), pairs, old, run_cfg(steps=2), stop_after_steps=1)
+    saved = (old / "run_config.json").read_text()
+    assert saved.count('"learning_rate"') == 1
+    (old / "run_config.json").write_text(saved.replace('"learning_rate"', '"lr"'))
+    resumed = tiny_policy()
+    train("refl", resumed, ToyReward(), pairs, old, run_cfg(steps=2))
+    assert same(params(whole), params(resumed), atol=1e-6)
+    assert [m["step"] for m in read_metrics(old)] == [1, 2]
+    with pytest.raises(ValueError, match=r"\(config differ\)"):  # a different learning rate is still refused
+        train("refl", tiny_policy(), ToyReward(), pairs, old, run_cfg(steps=2, learning_rate=0.5))
+
+
 def test_non_finite_reward_stops_and_names_the_step(pairs, tmp_path):
     with pytest.raises(NonFiniteError, match="step 1.*no checkpoint"):
         train("refl", tiny_policy(), NaNReward(), pairs, tmp_path / "run", run_cfg())
@@ -427,7 +487,10 @@ def curriculum(run: Path, mode: str = "fixed", **kw):
 
 def test_refl_with_a_fixed_curriculum_switches_and_resumes(pairs, tmp_path, tiny_rm_run):
     cfg = run_cfg(steps=4, crop=32)
-    make = lambda: curriculum(tiny_rm_run, schedule=(2, 1))
+
+    def make():
+        return curriculum(tiny_rm_run, schedule=(2, 1))
+
     whole = tiny_policy()
     train("refl", whole, make(), pairs, tmp_path / "whole", cfg)
     stages = [m["curriculum/stage"] for m in read_metrics(tmp_path / "whole")]

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from finpercep.data.builder import BuildConfig, build_dataset
-from finpercep.eval.metrics import average_precision, iou_at, map_mae, pixel_auroc
+from finpercep.data.dataset import swap
 from finpercep.eval.rm_benchmark import (
     GT_REFERENCE,
     MapStats,
     exact_area_bounds,
     exact_area_mask,
-    local_swap,
     measure_speed,
     select_evenly,
 )
+from finpercep.metrics import average_precision, iou_at, map_mae, pixel_auroc
 from finpercep.reward.model import FinPercepRM, RMConfig, save_pretrained
 
 FAMILIES = ("bicubic", "halo", "blocking", "seams")  # cheap; one HR crop (unit) each
@@ -153,7 +153,7 @@ def test_map_stats_pool_like_the_metric_functions() -> None:
     assert MapStats().summary()["pixel_auroc"] is None
 
 
-def test_exact_area_masks_and_local_swap() -> None:
+def test_exact_area_masks_and_the_swap() -> None:
     import skimage.data as sd
 
     from finpercep.io import to_tensor
@@ -167,7 +167,7 @@ def test_exact_area_masks_and_local_swap() -> None:
         assert int(mask.sum()) == round(area * 13000) and params["kind"] == "blob"
         mask2, _ = exact_area_mask(hr, area, np.random.default_rng(1))
         assert torch.equal(mask, mask2)
-        syn = local_swap(hr, sr, mask)
+        syn = swap(hr[None], sr[None], mask[None, None])[0]
         inside = mask.bool()
         assert torch.equal(syn[:, ~inside], hr[:, ~inside]) and torch.equal(syn[:, inside], sr[:, inside])
         assert torch.equal(syn * 255, torch.round(syn * 255))

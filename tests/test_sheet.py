@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finpercep.data.sheet import COLUMNS, HEADER_H, LABEL_H, PAD, heatmap_overlay, pick_samples, render_contact_sheet
+from finpercep.data.sheet import COLUMNS, HEADER_H, LABEL_H, PAD, pick_samples, render_contact_sheet
 from finpercep.io import save_npy, save_png
+from finpercep.viz import heatmap_overlay
 
 FAMILIES = ("bicubic", "halo", "realesrgan")
 H = W = 64

@@ -1,8 +1,33 @@
-"""Input checks shared by every public entry point that takes an image batch."""
+"""Input checks shared by every public entry point that takes an image batch, and :func:`require`,
+the one way optional third-party modules are imported (inside the function that needs them)."""
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
+
+
+def require(module: str, *, extra: str) -> ModuleType:
+    """Import the optional third-party ``module`` (a dotted name such as ``"cv2"`` or
+    ``"scipy.ndimage"``) and return it.
+
+    ``extra``: the ``pip install 'finpercep[EXTRA]'`` extra that provides it (``data``, ``metrics``,
+    ``report``, ...; see ``pyproject.toml``). Raises ImportError, naming the extra, when the module is
+    not installed; an ImportError raised *inside* an installed module propagates unchanged.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        missing = e.name or module
+        if not (module == missing or module.startswith(missing + ".")):
+            raise  # the module is installed but itself imports something missing: not ours to rename
+        raise ImportError(
+            f"{module} is not installed and this feature needs it: pip install 'finpercep[{extra}]' "
+            "(or pip install -r requirements.txt for everything)"
+        ) from e
+
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """The dtypes an image batch may have; anything else is refused with a hint (:func:`check_image_batch`)."""

@@ -138,8 +138,7 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from finpercep.data.builder import read_manifest
-    from finpercep.data.dataset import check_dataset
+    from finpercep.data.dataset import check_dataset, read_manifest
 
     problems = check_dataset(Path(args.dataset), limit=args.limit)
     for p in problems:
@@ -168,27 +167,17 @@ def cmd_data_families(args: argparse.Namespace) -> int:
 
 
 def cmd_rm_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from finpercep.reward.train import load_train_config, train_reward_model
+    from finpercep.config import load_config
+    from finpercep.reward.train import RMTrainConfig, train_reward_model
 
     if args.config is not None and not Path(args.config).is_file():
         raise UserError(f"--config {args.config}: no such file")
-    cfg = load_train_config(args.config)
-    over = {}
-    if args.stages is not None:
-        over["stages"] = args.stages
-    if args.steps is not None:
-        over["steps_per_stage"] = (args.steps,)
-    if args.batch_size is not None:
-        over["batch_size"] = args.batch_size
-    if args.pixel_only:
-        over["gt_map"] = "pixel_only"
+    families = None
     if args.exclude_families:
-        over["exclude_families"] = tuple(f.strip() for f in args.exclude_families.split(",") if f.strip())
-    if args.seed is not None:
-        over["seed"] = args.seed
-    cfg = replace(cfg, **over)
+        families = tuple(f.strip() for f in args.exclude_families.split(",") if f.strip())
+    cfg = load_config(RMTrainConfig, args.config, stages=args.stages,
+                      steps_per_stage=None if args.steps is None else (args.steps,), batch_size=args.batch_size,
+                      gt_map="pixel_only" if args.pixel_only else None, exclude_families=families, seed=args.seed)
     folders = train_reward_model(Path(args.data), Path(args.out), cfg, val_data=args.val_data, device=args.device,
                                  progress=not args.quiet)
     rank = int(os.environ.get("RANK", "0"))
@@ -246,13 +235,15 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_train(args: argparse.Namespace) -> int:
-    from finpercep.policies.recipe_data import load_yaml_config
+    from finpercep.config import load_config
 
     if args.arch == "tiny":
-        from finpercep.policies.tiny import TinyTrainConfig as cfg_cls, train_tiny as train
+        from finpercep.policies.tiny import TinyTrainConfig as cfg_cls
+        from finpercep.policies.tiny import train_tiny as train
     else:
-        from finpercep.policies.flow import FlowTrainConfig as cfg_cls, train_flow as train
-    cfg = load_yaml_config(cfg_cls, args.config, steps=args.steps, seed=args.seed)
+        from finpercep.policies.flow import FlowTrainConfig as cfg_cls
+        from finpercep.policies.flow import train_flow as train
+    cfg = load_config(cfg_cls, args.config, steps=args.steps, seed=args.seed)
     photos = Path(args.photos)
     if not photos.is_dir():
         raise UserError(f"--photos {photos}: no such folder (fetch photos with `finpercep photos fetch`)")
@@ -271,17 +262,13 @@ def cmd_rl_rewards(args: argparse.Namespace) -> int:
 
 
 def cmd_rl_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from finpercep.config import load_config
+    from finpercep.rl import RLConfig, fine_tune
 
-    from finpercep.rl import fine_tune, load_rl_config
-
-    cfg = load_rl_config(args.config, steps=args.steps, batch=args.batch, lr=args.lr, lora_rank=args.lora_rank,
-                         seed=args.seed, crop=args.crop, dense_credit=args.dense_credit, gaussian_sigma=args.sigma)
-    if args.group_size is not None:
-        cfg = replace(cfg, dpo=replace(cfg.dpo, group_size=args.group_size),
-                      grpo=replace(cfg.grpo, group_size=args.group_size))
-    if args.curriculum is not None:
-        cfg = replace(cfg, curriculum=replace(cfg.curriculum, mode=args.curriculum))
+    run = dict(steps=args.steps, batch=args.batch, learning_rate=args.lr, lora_rank=args.lora_rank, seed=args.seed,
+               crop=args.crop, dense_credit=args.dense_credit, gaussian_sigma=args.sigma)
+    cfg = load_config(RLConfig, args.config, run=run, dpo=dict(group_size=args.group_size),
+                      grpo=dict(group_size=args.group_size), curriculum=dict(mode=args.curriculum))
     final = fine_tune(args.policy, args.algo, args.reward, args.data, args.out, cfg, checkpoint=args.checkpoint,
                       device=args.device, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -291,10 +278,11 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment_hacking(args: argparse.Namespace) -> int:
+    from finpercep.config import load_config
     from finpercep.eval.hacking import run_experiment
-    from finpercep.rl import load_rl_config
+    from finpercep.rl import RLConfig
 
-    cfg = load_rl_config(args.config, steps=args.steps, seed=args.seed)
+    cfg = load_config(RLConfig, args.config, run=dict(steps=args.steps, seed=args.seed))
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
     run_experiment(args.algo, args.policy, args.data, args.test_data, args.judge, args.out, cfg, arms=arms,
                    checkpoint=args.checkpoint, eval_num=args.eval_num, results_dir=args.results, device=args.device,
@@ -342,10 +330,10 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
 
 GROUP_HELP = {
     "photos": "real photographs to crop HR images from",
-    "data": "the FGR data engine (PAPER.md section 2)",
-    "rm": "the FinPercep-RM reward model (PAPER.md sections 1, 3, 4)",
+    "data": "the FGR data engine (arXiv 2512.22647: the FGR data set)",
+    "rm": "the FinPercep-RM reward model (arXiv 2512.22647: model, losses, staged RM_0..RM_N)",
     "policy": "SR policies: real pretrained networks and the project's small ones",
-    "rl": "RL fine-tuning of SR policies with a reward (PAPER.md section 5)",
+    "rl": "RL fine-tuning of SR policies with a reward (arXiv 2512.22647: ReFL; DPO and GRPO beyond it)",
     "experiment": "experiments that reproduce the paper's claims",
 }
 

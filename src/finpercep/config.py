@@ -3,8 +3,10 @@
 :func:`from_dict` checks every value against the dataclass's type hints before the dataclass is
 built, so ``batch_size: two`` is one line naming the key, the expected type and the value, not a
 ``TypeError`` deep inside training. :func:`load_yaml` reads a YAML file with its syntax errors
-reported by file and line. The ``check_*`` helpers are what the configs' ``__post_init__`` use to
-refuse values of the right type but out of range (``lr: -1``, ``channels: 200000``).
+reported by file and line; :func:`load_config` is the one YAML -> dataclass loader every command
+uses (reward model, RL, policy recipes). The ``check_*`` helpers are what the configs'
+``__post_init__`` use to refuse values of the right type but out of range (``learning_rate: -1``,
+``channels: 200000``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ T = TypeVar("T")
 # YAML 1.1 (PyYAML) reads ``1e-4`` as a string (it wants ``1.0e-4``); a float field accepts it.
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
+RENAMED_KEYS: dict[str, str] = {"lr": "learning_rate"}
+"""Config keys renamed since runs were first saved (old -> new): ``lr`` read as the low-resolution
+batch as often as the learning rate. :func:`from_dict` names the new key when it meets an old one;
+:func:`rename_old_keys` upgrades a saved config (a run's ``config.json``) before comparing it."""
+
+
+def rename_old_keys(data: Any) -> Any:
+    """``data`` (a saved config in its JSON form) with every mapping key of :data:`RENAMED_KEYS`
+    replaced by its new name, at any depth; other values are returned unchanged."""
+    if isinstance(data, dict):
+        return {RENAMED_KEYS.get(k, k): rename_old_keys(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [rename_old_keys(v) for v in data]
+    return data
+
 
 def to_dict(cfg: Any) -> dict:
     """A dataclass as plain JSON types (tuples become lists)."""
@@ -33,8 +50,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data`` (its JSON / YAML form): nested dataclasses and tuples
     are rebuilt, ints are accepted where a float is expected, missing keys take the defaults.
 
-    ``where`` names the source in error messages: ``"cfg.yaml:"`` gives ``cfg.yaml: run.lr: ...``,
-    ``"RLConfig"`` gives ``RLConfig.run.lr: ...`` (default: the class name).
+    ``where`` names the source in error messages: ``"cfg.yaml:"`` gives ``cfg.yaml: run.steps: ...``,
+    ``"RLConfig"`` gives ``RLConfig.run.steps: ...`` (default: the class name).
 
     Raises ValueError naming the key for an unknown key, for a value whose type does not match the
     hint (int, float, str, bool, tuples, ``X | None``, ``Literal``, nested dataclasses), and for a
@@ -47,7 +64,9 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{here}: unknown keys {unknown}; valid: {sorted(names)}")
+        renamed = [f"{k} is now {RENAMED_KEYS[k]}" for k in unknown if RENAMED_KEYS.get(k) in names]
+        hint = f" ({'; '.join(renamed)})" if renamed else ""
+        raise ValueError(f"{here}: unknown keys {unknown}{hint}; valid: {sorted(names)}")
     kwargs = {k: _convert(hints[k], v, _at(where or cls.__name__, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -173,6 +192,34 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of config keys at the top level, got {type(data).__name__}")
     return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
+    """Dataclass ``cls`` from the YAML file ``path`` (``None``: the defaults), then ``overrides``
+    (:func:`override`: ``None`` values are skipped, so command-line flags left unset keep the
+    file's values; a dict fills a nested config, e.g. ``run={"steps": 3}``).
+
+    Raises FileNotFoundError for a missing file and ValueError in one line, naming the file and
+    key, for a YAML syntax error, an unknown key, a value of the wrong type or out of range.
+    """
+    data = load_yaml(path) if path is not None else {}
+    cfg = from_dict(cls, data, where=f"{path}:" if path is not None else cls.__name__)
+    return override(cfg, overrides)
+
+
+def override(cfg: T, values: dict[str, Any]) -> T:
+    """``cfg`` (a frozen dataclass) with ``values`` replaced: ``None`` values are skipped, a dict
+    for a nested dataclass field overrides inside it. The dataclasses' ``__post_init__`` checks
+    run again (ValueError for a value out of range); an unknown name is a TypeError."""
+    changes = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        current = getattr(cfg, name, None)  # an unknown name: dataclasses.replace raises
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = override(current, value)
+        changes[name] = value
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 # ---------------------------------------------------------------------------------------------

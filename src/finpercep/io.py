@@ -1,10 +1,14 @@
 """Images and arrays in and out, robustly and atomically.
 
-Conventions (STYLE.md): in memory an image is a float32 tensor ``(3, H, W)`` in [0, 1], RGB;
+Conventions: in memory an image is a float32 tensor ``(3, H, W)`` in [0, 1], RGB;
 on disk it is an 8-bit RGB (or RGBA) PNG. Every write goes to a temporary name in the same folder
 (``.NAME.<host>-<pid>.<random>.tmp``) and is renamed into place, so a killed job never leaves a
 half-written file behind; the temporaries a killed job leaves are removed by the next write into
 that folder (:func:`remove_stale_temps`).
+
+Model checkpoints, reward models and policies alike, are folders with ``config.json`` and
+``model.safetensors``: :func:`save_pretrained` writes one, :func:`load_pretrained` reads one into the
+network a caller-supplied builder makes (this module imports no model code).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import socket
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -58,6 +62,43 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def expand_inputs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """The files a command line names, in input order (folders expanded to their image files,
+    recursively and sorted; any existing file is kept whatever its suffix, :func:`read_image`
+    decides what it is), and one error message per input that gives nothing to read."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                errors.append(f"{p}: folder holds no image files (looked for {', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return files, errors
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """A distinct output name per file: its stem; when two inputs share a stem (``a/x.png``,
+    ``b/x.jpg``) the later ones in input order get ``x-1``, ``x-2``, ... Compared case-insensitively,
+    so names stay distinct on case-insensitive file systems; assigned over all inputs up front, so
+    they do not depend on which files later fail."""
+    used: set[str] = set()
+    names = []
+    for f in files:
+        name, k = f.stem, 0
+        while name.casefold() in used:
+            k += 1
+            name = f"{f.stem}-{k}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +372,184 @@ def safe_relpath(root: Path, rel: str) -> Path:
     if p.is_absolute() or ".." in p.parts:
         raise ValueError(f"manifest path must be relative and inside its folder, got {rel!r}")
     return root / p
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checkpoints: a folder with config.json + model.safetensors (reward models and policies)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+"""Version of the checkpoint folder format, stored in every ``config.json``."""
+KIND_KEYS = ("model_type", "arch")
+"""The ``config.json`` field saying what a checkpoint holds: ``model_type`` for FinPercep-RM
+(``"finpercep-rm"``), ``arch`` for policies (``"tiny"``, ``"flow"``, ``"rrdbnet"``, ``"upconv7"``,
+``"custom"``)."""
+_STORED_CONFIG_KEYS = ("finpercep_config", "finpercep_policy")
+"""Metadata keys of ``model.safetensors`` holding a copy of ``config.json``: the first is written;
+policies saved by finpercep 0.1 used the second."""
+
+
+def is_pretrained(folder: str | Path) -> bool:
+    """True when ``folder`` holds both files of a checkpoint (``config.json`` + ``model.safetensors``)."""
+    folder = Path(folder)
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
+def save_pretrained(
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    folder: str | Path,
+    config: dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a checkpoint folder: ``config.json`` (``config`` plus ``format_version``) and
+    ``model.safetensors`` (the state dict of ``model``, or ``model`` itself when it is a state
+    dict, with a copy of the config in its metadata). Returns ``folder``.
+
+    ``config`` is a JSON object with exactly one field of :data:`KIND_KEYS` (what to build) and
+    whatever the builder needs (``"config"``: the architecture dataclass as a dict). ``dtype``
+    casts the floating tensors (float16 for a shipped checkpoint); loading casts them back.
+
+    Complete or not at all: a new folder is written under a temporary name and renamed into place.
+    An existing folder (it may hold other files, e.g. a stage's ``val.json``) gets the weights, then
+    the config, each by a rename; a kill between the two leaves a pair whose stored copy of the
+    config differs from ``config.json``, which :func:`load_pretrained` refuses.
+
+    Raises ValueError for a ``config`` without one kind field, :class:`WriteError` naming ``folder``
+    when it cannot be written (disk full, read-only, a file in the way).
+    """
+    from safetensors.torch import save
+
+    if not isinstance(config, dict) or sum(k in config for k in KIND_KEYS) != 1:
+        raise ValueError(f"save_pretrained: config must be a dict with exactly one of the fields {KIND_KEYS}, "
+                         "naming what the checkpoint holds")
+    meta = {**config, "format_version": FORMAT_VERSION}
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().to("cpu").contiguous()
+        for k, v in state.items()
+    }
+    files = {  # written in this order: weights first (see the docstring)
+        WEIGHTS_NAME: save(tensors, metadata={_STORED_CONFIG_KEYS[0]: json.dumps(meta, sort_keys=True)}),
+        CONFIG_NAME: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    _write_folder(Path(folder), files)
+    return Path(folder)
+
+
+def _write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes) into ``folder``, complete or not at all (:func:`save_pretrained`)."""
+    make_parent(folder)
+    if folder.exists() and not folder.is_dir():
+        raise WriteError(errno.ENOTDIR, "it is a file, not a folder", str(folder))
+    tmp = None
+    try:
+        tmp = make_temp_sibling(folder, directory=True)
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if not folder.exists():
+            try:
+                os.rename(tmp, folder)  # the whole folder appears at once
+                return
+            except OSError:
+                if not folder.is_dir():  # not a concurrent writer's new folder: a real failure
+                    raise
+        for name in files:
+            os.replace(tmp / name, folder / name)
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        raise WriteError(e.errno, e.strerror or str(e), str(folder)) from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_pretrained(
+    folder: str | Path, build: Callable[[Any], torch.nn.Module], *, what: str = "finpercep"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a checkpoint folder written by :func:`save_pretrained` into the network ``build`` makes.
+
+    ``build(config)`` gets the parsed ``config.json`` and returns the network it describes (it
+    checks the kind field and the architecture, e.g. through :func:`finpercep.config.from_dict`,
+    and raises ValueError naming ``config.json``). It is called twice: first under
+    ``torch.device("meta")``, so the shapes are checked before anything is allocated, then for real.
+    ``what`` names the kind of checkpoint in messages (``"FinPercep-RM"``, ``"policy"``).
+
+    Returns ``(network, config)``: the network as ``build`` made it (device, dtype, mode) with the
+    weights loaded strictly (cast to its dtypes), and the config. Raises, each in one line:
+    FileNotFoundError when a file is missing; ValueError when ``config.json`` is not JSON or has
+    another ``format_version``, when ``build`` refuses it, when ``model.safetensors`` is truncated,
+    damaged or not safetensors (a pickle is refused, never unpickled), when its stored copy of the
+    config differs from ``config.json`` (an interrupted overwrite), or when its tensor names or
+    shapes differ from those the config describes (a hand-edited ``channels: 200000`` fails
+    before 1.4 TB are allocated).
+    """
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"not a {what} checkpoint: {p} is missing (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
+                         f"(expected {FORMAT_VERSION}); load it with the finpercep version that wrote it")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in build(meta).state_dict().items()}
+    stored, state = _read_safetensors(w_path)
+    edited = any(key in stored and _json_or_none(stored[key]) != meta for key in _STORED_CONFIG_KEYS)
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if diff:
+        also = f"; {CONFIG_NAME} also does not match the config stored in {WEIGHTS_NAME} (edited?)" if edited else ""
+        raise ValueError(f"{w_path}: weights do not match {CONFIG_NAME}: {len(diff)} tensors differ, e.g. {diff[0]!r} "
+                         f"is {want.get(diff[0])} in the config and {have.get(diff[0])} in the file{also}")
+    if edited:
+        raise ValueError(f"{folder}: {CONFIG_NAME} does not match the config stored in {WEIGHTS_NAME} "
+                         "(interrupted save?); save the checkpoint again")
+    model = build(meta)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{w_path}: weights do not match {CONFIG_NAME}: {e}") from None
+    return model, meta
+
+
+def read_weights(folder: str | Path, *, what: str = "finpercep") -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/model.safetensors`` (on CPU, as stored), for loading into a network
+    built by hand (a user's own policy). Raises FileNotFoundError when the file is missing and
+    ValueError (one line) when it is not a complete safetensors file (never unpickled)."""
+    w_path = Path(folder) / WEIGHTS_NAME
+    if not w_path.is_file():
+        raise FileNotFoundError(f"not a {what} checkpoint: {w_path} is missing")
+    return _read_safetensors(w_path)[1]
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors (CPU) of the safetensors file ``path``. Raises ValueError in one line
+    for a file that is truncated, damaged or of another format (a pickle is never unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e}); the checkpoint is damaged or was "
+                         "not written by finpercep: save or copy it again") from None
+
+
+def _json_or_none(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 

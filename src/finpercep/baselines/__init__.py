@@ -9,6 +9,9 @@ These are the *raw* metrics with their own direction (all four: lower = better).
 interface turns them into higher-is-better rewards; :data:`METRICS` says for each one what it
 needs, which way is better, its nominal range and whether gradients flow, so that code never
 has to guess.
+
+NIQE, BRISQUE and PIQE need scipy and ST-LPIPS its weights package: the ``metrics`` extra. Importing
+this package without scipy raises an ImportError that names it; callers import it where a metric is used.
 """
 
 from __future__ import annotations

@@ -46,9 +46,10 @@ import torch
 
 from finpercep.baselines.niqe import matlab_imresize_half
 from finpercep.baselines.piqe import _GREY as MATLAB_RGB2GRAY  # MATLAB rgb2gray's weights, one copy
-from finpercep.checks import check_image_batch
-from scipy import signal
-from scipy.special import gamma
+from finpercep.checks import check_image_batch, require
+
+signal = require("scipy.signal", extra="metrics")
+gamma = require("scipy.special", extra="metrics").gamma
 
 MIN_SIZE = 16  # smallest side accepted; the fits need a few hundred coefficients per scale
 MODEL_FILE = Path(__file__).with_name("brisque_live.npz")

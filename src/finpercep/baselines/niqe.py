@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finpercep.checks import check_image_batch
-from scipy.ndimage import convolve
-from scipy.special import gamma
+from finpercep.checks import check_image_batch, require
+
+convolve = require("scipy.ndimage", extra="metrics").convolve
+gamma = require("scipy.special", extra="metrics").gamma
 
 BLOCK_SIZE = 96  # the official recommended block size (no overlap), as in BasicSR
 MIN_BLOCKS = 2  # a covariance needs at least two blocks

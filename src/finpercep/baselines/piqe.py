@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from finpercep.checks import check_image_batch
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.ndimage import correlate1d
+
+from finpercep.checks import check_image_batch, require
+
+correlate1d = require("scipy.ndimage", extra="metrics").correlate1d
 
 BLOCK_SIZE = 16
 ACTIVITY_THRESHOLD = 0.1  # MSCN variance above which a block is spatially active

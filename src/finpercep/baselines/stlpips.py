@@ -116,8 +116,8 @@ def default_weights_path(net: NetName) -> Path:
     spec = importlib.util.find_spec("stlpips_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "ST-LPIPS weights come from the 'stlpips-pytorch' package: "
-            "pip install --no-deps stlpips-pytorch==0.0.2 (it is only read, never imported), "
+            "ST-LPIPS weights come from the 'stlpips-pytorch' package: pip install 'finpercep[metrics]' "
+            "or pip install --no-deps stlpips-pytorch==0.0.2 (it is only read, never imported), "
             "or pass weights=PATH to a local copy of the .pth file"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "vST0.0" / _WEIGHT_FILES[net]

@@ -1,4 +1,5 @@
-"""Co-evolutionary curriculum learning (PAPER.md section 4; issue #5 section 1).
+"""Co-evolutionary curriculum learning (CCL, arXiv 2512.22647), with automatic switching and online
+co-evolution beyond the paper.
 
 The policy trains on the fused reward of reward-model stage ``k``,
 ``R_k = l1 * S_k + l2 * (1 - softmax_max(M_k))`` (:class:`finpercep.rewards.FusedReward`), and

@@ -1,10 +1,12 @@
-"""Online co-evolution of the reward model with the policy (beyond the paper's offline stages;
-issue #5 section 1, curriculum mode ``coevolve``).
+"""Online co-evolution of the reward model with the policy (beyond the offline stages of arXiv
+2512.22647; curriculum mode ``coevolve``).
 
 While the policy trains, its own outputs become reward-model training data, built exactly like the
-data engine's (PAPER.md section 2): for a training pair ``(LR, HR)`` and the policy's ``SR``,
+data engine's (arXiv 2512.22647, Sec. 2): for a training pair ``(LR, HR)`` and the policy's ``SR``,
+both rounded to 8 bits as the data set stores its images,
 
-    I_syn = B * SR + (1 - B) * HR          B a random swap mask (finpercep.data.masks)
+    I_syn = B * SR + (1 - B) * HR          B a random swap mask (finpercep.data.masks; the swap
+                                           is finpercep.data.dataset.swap, 8-bit like the data set)
     M_gt  = GTMapper(HR, I_syn)            the same ground-truth recipe (finpercep.data.gt_maps)
 
 (:func:`make_triplets`). A :class:`Coevolver` keeps the most recent triplets in a replay buffer
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from finpercep.reward.losses import RMLossConfig
+from finpercep.types import Triplet
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def make_triplets(
     mapper: Any,
     area: tuple[float, float] = DEFAULT_AREA,
     kinds: tuple[str, ...] = DEFAULT_MASK_KINDS,
-) -> dict[str, torch.Tensor]:
+) -> Triplet:
     """Reward-model triplets from a policy's outputs, built like the data engine's (module docstring).
 
     Args:
@@ -138,68 +141,65 @@ def make_triplets(
         area: swap-mask area bounds.
         kinds: mask kinds to draw from.
 
-    Returns ``dict(hr, syn, sr, mask, map_syn)``: images ``(B, 3, H, W)``, ``mask`` ``(B, 1, H, W)``
-    in {0, 1} and ``map_syn`` ``(B, 1, H, W)`` in [0, 1], float32 on ``hr``'s device, detached;
-    ``syn = mask * sr + (1 - mask) * hr``.
+    Returns a :class:`~finpercep.types.Triplet` with ``mask``, float32 on ``hr``'s device, detached:
+    ``hr`` and ``sr`` rounded to 8 bits (:func:`~finpercep.data.dataset.quantise`, as the data set
+    stores them), ``syn = swap(hr, sr, mask)`` (so ``syn = mask * sr + (1 - mask) * hr`` exactly),
+    ``mask`` in {0, 1} and ``map_syn`` in [0, 1] computed on them.
     """
     from finpercep.checks import check_image_batch
+    from finpercep.data.dataset import quantise, swap
     from finpercep.data.masks import make_mask
 
-    hr = check_image_batch(hr, "make_triplets: hr").detach().float()
+    hr = check_image_batch(hr, "make_triplets: hr")
     sr = check_image_batch(sr, "make_triplets: sr", tol=0.5)
     if sr.shape != hr.shape:
         raise ValueError(f"make_triplets: sr {tuple(sr.shape)} must have the shape of hr {tuple(hr.shape)}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"make_triplets: rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    sr = sr.detach().float().clamp(0, 1).to(hr.device)
+    hr, sr = quantise(hr), quantise(sr.to(hr.device))
     masks = []
     for i in range(hr.shape[0]):
         kind = kinds[int(rng.integers(len(kinds)))]
         m, _ = make_mask(kind, hr[i].cpu(), rng, area)
         masks.append(m)
     mask = torch.stack(masks)[:, None].to(hr.device)  # (B, 1, H, W)
-    syn = mask * sr + (1 - mask) * hr  # PAPER.md sec. 2: I_syn = B * I_SR + (1 - B) * I_GT
-    map_syn = mapper(hr, syn).float()
-    return {"hr": hr, "syn": syn, "sr": sr, "mask": mask, "map_syn": map_syn}
+    syn = swap(hr, sr, mask)  # arXiv 2512.22647, Sec. 2: I_syn = B * I_SR + (1 - B) * I_GT
+    return Triplet(hr=hr, syn=syn, sr=sr, map_syn=mapper(hr, syn).float(), mask=mask)
 
 
-def heldout_from_dataset(root: str | Path, n: int) -> dict[str, torch.Tensor]:
-    """``n`` fixed triplets ``dict(hr, syn, sr, map_syn)`` (stacked, ``(n, ...)``) from an FGR data set
-    (``finpercep data build``): its last ``n`` samples by id, so the set does not depend on the
-    seed. All samples must share one size (the builder's crops do)."""
+def heldout_from_dataset(root: str | Path, n: int) -> Triplet:
+    """``n`` fixed triplets (``hr, syn, sr, map_syn``, one batch) from an FGR data set (``finpercep
+    data build``): its last ``n`` samples by id, so the set does not depend on the seed. All samples
+    must share one size (the builder's crops do); ``ValueError`` otherwise or when it is empty."""
     from finpercep.data.dataset import FGRDataset
 
     ds = FGRDataset(root, keys=("hr", "syn", "sr", "map_syn"))
     if len(ds) == 0:
         raise ValueError(f"{root}: the data set is empty")
-    order = sorted(range(len(ds)), key=lambda i: ds.records[i]["id"])[-n:]
-    items = [ds[i] for i in order]
-    try:
-        return {k: torch.stack([it[k] for it in items]) for k in ("hr", "syn", "sr", "map_syn")}
-    except RuntimeError as e:
-        raise ValueError(f"{root}: held-out samples differ in size ({e})") from None
+    return ds.load_triplets(sorted(range(len(ds)), key=lambda i: ds.records[i]["id"])[-n:])
 
 
 @torch.no_grad()
 def order_accuracy_of(
-    model: torch.nn.Module, trip: dict[str, torch.Tensor], batch: int = 8
+    model: torch.nn.Module, trip: Triplet, batch: int = 8
 ) -> tuple[float, float | None]:
     """``(order accuracy, map MAE)`` of a FinPercep-RM on triplets: the fraction with
     ``S_HR > S_syn > S_SR`` and the mean ``|M(syn) - M_gt|`` (``None`` at stage 0). The model is
     evaluated in eval mode and left in the mode it had."""
-    from finpercep.eval.metrics import order_accuracy
+    from finpercep.metrics import order_accuracy
 
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     scores: dict[str, list[torch.Tensor]] = {"hr": [], "syn": [], "sr": []}
     err, n_pix = 0.0, 0
-    for a in range(0, trip["hr"].shape[0], batch):
+    for a in range(0, len(trip), batch):
+        part = trip[a : a + batch]
         for k in scores:
-            out = model(trip[k][a : a + batch].to(dev))
+            out = model(getattr(part, k).to(dev))
             scores[k].append(out.score.float().cpu())
             if k == "syn" and out.map is not None:
-                gt = trip["map_syn"][a : a + batch].to(dev)
+                gt = part.map_syn.to(dev)
                 err += float((out.map.float() - gt).abs().sum())
                 n_pix += gt.numel()
     model.train(was_training)
@@ -233,9 +233,10 @@ class Coevolver:
         self._base = base
         self.load_stage = load_stage
         self.device = torch.device(device)
-        self.buffer: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.buffer)
-        self.heldout: dict[str, torch.Tensor] | None = None
-        self._heldout_pending: list[dict[str, torch.Tensor]] = []
+        self.buffer: deque[Triplet] = deque(maxlen=cfg.buffer)
+        """One triplet (``B = 1``, on the CPU) per item."""
+        self.heldout: Triplet | None = None
+        self._heldout_pending: list[Triplet] = []
         self._models: dict[int, torch.nn.Module] = {}
         self._opts: dict[int, torch.optim.Optimizer] = {}
         self._opt_states: dict[int, dict] = {}
@@ -274,12 +275,11 @@ class Coevolver:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def set_heldout(self, trip: dict[str, torch.Tensor]) -> None:
-        """Use ``trip`` (``hr, syn, sr, map_syn``, stacked on the batch axis) as the held-out set."""
-        missing = [k for k in ("hr", "syn", "sr", "map_syn") if k not in trip]
-        if missing:
-            raise ValueError(f"held-out triplets need hr, syn, sr and map_syn; missing {missing}")
-        self.heldout = {k: trip[k].detach().float().cpu() for k in ("hr", "syn", "sr", "map_syn")}
+    def set_heldout(self, trip: Triplet) -> None:
+        """Use ``trip`` (its ``hr, syn, sr, map_syn``, kept on the CPU) as the held-out set."""
+        if not isinstance(trip, Triplet):
+            raise TypeError(f"held-out triplets must be a finpercep.types.Triplet, got {type(trip).__name__}")
+        self.heldout = Triplet(**{k: getattr(trip, k).detach().float().cpu() for k in ("hr", "syn", "sr", "map_syn")})
 
     def add(self, hr: torch.Tensor, sr: torch.Tensor) -> int:
         """Turn policy outputs ``sr`` on training images ``hr`` (``(B, 3, H, W)`` each) into triplets
@@ -295,25 +295,24 @@ class Coevolver:
         self.rollouts += 1
         trip = make_triplets(hr.to(self.device), sr.to(self.device), rng, self._mapper,
                              self.cfg.area, self.cfg.mask_kinds)
-        items = [{k: v[i].cpu() for k, v in trip.items()} for i in range(hr.shape[0])]
+        trip = trip.to("cpu")
+        items = [trip[i] for i in range(len(trip))]
         if self.heldout is None and self.cfg.heldout > 0:
             take = self.cfg.heldout - len(self._heldout_pending)
             self._heldout_pending += items[:take]
             items = items[take:]
             if len(self._heldout_pending) >= self.cfg.heldout:
-                pending = self._heldout_pending
-                self.set_heldout({k: torch.stack([it[k] for it in pending]) for k in ("hr", "syn", "sr", "map_syn")})
+                self.set_heldout(Triplet.cat(self._heldout_pending))
                 self._heldout_pending = []
         self.buffer.extend(items)
         return len(items)
 
-    def _batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _batch(self, rng: np.random.Generator) -> Triplet:
         idx = rng.integers(len(self.buffer), size=self.cfg.batch)
         # Buffer items may differ in size (whole images vs crops): draw one size, keep its items.
         items = [self.buffer[int(i)] for i in idx]
-        size = items[0]["hr"].shape
-        items = [it for it in items if it["hr"].shape == size]
-        return {k: torch.stack([it[k] for it in items]).to(self.device) for k in ("hr", "syn", "sr", "map_syn")}
+        size = items[0].hr.shape
+        return Triplet.cat([it for it in items if it.hr.shape == size]).to(self.device)
 
     # -- the refresh --------------------------------------------------------------------------
 
@@ -326,9 +325,11 @@ class Coevolver:
         returns ``coevolve/*`` logs: ``rm_loss`` (mean over the steps), the loss terms,
         ``heldout_order_acc_before`` / ``_after`` (and ``heldout_map_mae_*`` at stages >= 1) when a
         held-out set exists, ``reverted``, ``buffer``, ``refreshes``. ``step`` (the policy step)
-        is only logged. Raises FloatingPointError on a non-finite loss (the model is left as
-        before the failing step)."""
-        from finpercep.reward.losses import total_loss
+        is only logged. Each step is the reward model's own training step
+        (:func:`finpercep.reward.train.rm_train_step`). Raises :class:`finpercep.types.NonFiniteError`
+        (a FloatingPointError) on a non-finite loss (the model is left as before the failing step)."""
+        from finpercep.reward.train import rm_train_step
+        from finpercep.types import NonFiniteError
 
         if not self.ready():
             raise ValueError(f"refresh: the buffer holds {len(self.buffer)} triplets, "
@@ -344,27 +345,18 @@ class Coevolver:
         backup = {n: t.detach().clone() for n, t in model.state_dict().items()} if self.cfg.revert_if_worse else None
         rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, 2, self.refreshes]))
         self.refreshes += 1
-        trainable = self._trainable(model)
-        for p in trainable:
+        for p in self._trainable(model):
             p.requires_grad_(True)
         model.train()
         sums: dict[str, float] = {}
         try:
             for _ in range(self.cfg.rm_steps):
-                b = self._batch(rng)
-                n = b["hr"].shape[0]
-                out = model(torch.cat([b["hr"], b["syn"], b["sr"]]))
-                outs = [_slice(out, i * n, (i + 1) * n) for i in range(3)]
-                with torch.no_grad():
-                    base_gt = self.base(b["hr"]).score.float()  # RM_0's scale, the alignment target
-                loss, step_logs = total_loss(outs[0], outs[1], outs[2], b["map_syn"], base_gt, self.cfg.loss)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"co-evolution: non-finite reward-model loss at policy step {step} (stage {k})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
-                opt.step()
+                # The alignment target is the original, frozen RM_0's scale, as in `rm train`.
+                try:
+                    step_logs = rm_train_step(model, self._batch(rng), self.cfg.loss, opt, base=self.base,
+                                              max_grad_norm=self.cfg.max_grad_norm)
+                except NonFiniteError as e:
+                    raise NonFiniteError(f"co-evolution: {e} of the reward model at policy step {step} (stage {k})") from None
                 for key, v in step_logs.items():
                     sums[key] = sums.get(key, 0.0) + v
         finally:
@@ -415,10 +407,3 @@ class Coevolver:
             self.model(int(k)).load_state_dict(sd)
         for k, s in d["optimizers"].items():
             self._opt_states[int(k)] = s
-
-
-def _slice(out: Any, a: int, b: int) -> Any:
-    from finpercep.types import RewardOutput
-
-    return RewardOutput(score=out.score[a:b], map=None if out.map is None else out.map[a:b],
-                        map_logits=None if out.map_logits is None else out.map_logits[a:b])

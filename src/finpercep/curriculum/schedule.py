@@ -1,5 +1,5 @@
 """The curriculum's scheduler: which reward stage ``RM_k`` the policy trains on, and when it moves on
-(PAPER.md section 4, co-evolutionary curriculum learning).
+(arXiv 2512.22647, co-evolutionary curriculum learning).
 
 The policy goes through the reward-model stages listed in :attr:`CurriculumConfig.stages`
 (``RM_0 -> RM_1 -> ... -> RM_N`` by default) with the fused reward

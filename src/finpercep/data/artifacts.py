@@ -26,11 +26,11 @@ import math
 import time
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
+from finpercep.checks import require
 from finpercep.types import Params, SRFamily
 
 ArtifactFn = Callable[[torch.Tensor, float, np.random.Generator], tuple[torch.Tensor, Params]]
@@ -110,6 +110,7 @@ def _ycbcr_to_rgb(x: np.ndarray) -> np.ndarray:
 
 def _gauss(x: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur (reflect border), any ``(H, W)`` or ``(H, W, C)`` float32 array."""
+    cv2 = require("cv2", extra="data")
     return cv2.GaussianBlur(x, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT_101)
 
 
@@ -129,6 +130,7 @@ def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int, channels
     """
     gh, gw = cells + 1, cells + 1
     coarse = rng.standard_normal((gh, gw, channels)).astype(np.float32)
+    cv2 = require("cv2", extra="data")
     field = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
     return field.reshape(h, w, channels)
 
@@ -161,7 +163,7 @@ def _sinc_kernel(cutoff: float, size: int) -> np.ndarray:
 
     ``cutoff`` in radians per pixel (pi = Nyquist), ``size`` odd. Sums to 1.
     """
-    from scipy.special import j1
+    j1 = require("scipy.special", extra="data").j1
 
     r = np.hypot(*np.meshgrid(np.arange(size) - size // 2, np.arange(size) - size // 2))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -191,6 +193,7 @@ def ringing(img: torch.Tensor, severity: float, rng: np.random.Generator) -> tup
     # Side lobes only, minus their mean over the annulus: zero-sum (flat areas unchanged) and no
     # weight at the centre (the edge itself is not sharpened).
     side = np.where(ring, kernel - kernel[ring].mean(), 0.0).astype(np.float32)
+    cv2 = require("cv2", extra="data")
     ripple = cv2.filter2D(x, -1, side, borderType=cv2.BORDER_REFLECT_101)
     return _to_tensor(x + gain * ripple, img), params
 
@@ -236,6 +239,7 @@ def texture(img: torch.Tensor, severity: float, rng: np.random.Generator) -> tup
     low = _gauss(noise, 1.5)
     strokes = np.zeros((h, w, 4), np.float32)
     weights = np.zeros((h, w), np.float32)
+    cv2 = require("cv2", extra="data")
     for angle in _TEXTURE_ANGLES:
         wk = np.maximum(np.cos(2 * (edge_angle - angle)), 0.0) ** 2
         smeared = cv2.filter2D(noise, -1, _oriented_kernel(angle), borderType=cv2.BORDER_REFLECT_101)
@@ -258,6 +262,7 @@ def _kuwahara(x: np.ndarray, radius: int) -> np.ndarray:
     Kuwahara filter of Papari et al. (IEEE TIP 2007; here q = 4 on the standard deviation).
     ``(H, W, 3)`` -> ``(H, W, 3)``.
     """
+    cv2 = require("cv2", extra="data")
     k = radius + 1
     y = _luma(x)
     total = np.zeros_like(x)
@@ -488,18 +493,24 @@ def _check_lr_hr(lr: torch.Tensor, hr: torch.Tensor, scale: int) -> None:
         raise ValueError(f"hr must be lr upscaled x{scale}, i.e. {want}, got {tuple(hr.shape)}")
 
 
-def procedural_family(name: str, severity_range: tuple[float, float] = DEFAULT_SEVERITY_RANGE) -> SRFamily:
+def procedural_family(
+    name: str,
+    severity_range: tuple[float, float] = DEFAULT_SEVERITY_RANGE,
+    artifacts: dict[str, ArtifactFn] | None = None,
+) -> SRFamily:
     """An SR family that applies artifact ``name`` to the HR image with severity ~ U(severity_range).
 
-    ``severity_range = (s, s)`` fixes the severity (tests, benchmarks). The SR output's params
-    are ``{"artifact", "severity", "severity_range", "artifact_params"}``.
+    ``severity_range = (s, s)`` fixes the severity (tests, benchmarks). ``artifacts``: the catalogue
+    to look ``name`` up in (default :data:`ARTIFACTS`; the negative edits pass theirs). The SR
+    output's params are ``{"artifact", "severity", "severity_range", "artifact_params"}``.
     """
-    if name not in ARTIFACTS:
-        raise ValueError(f"unknown artifact {name!r}; choose one of {sorted(ARTIFACTS)}")
+    catalogue = ARTIFACTS if artifacts is None else artifacts
+    if name not in catalogue:
+        raise ValueError(f"unknown artifact {name!r}; choose one of {sorted(catalogue)}")
     lo, hi = (float(v) for v in severity_range)
     if not (0.0 <= lo <= hi <= 1.0):
         raise ValueError(f"severity_range must satisfy 0 <= lo <= hi <= 1, got {severity_range}")
-    artifact = ARTIFACTS[name]
+    artifact = catalogue[name]
 
     def fn(lr: torch.Tensor, hr: torch.Tensor, scale: int, rng: np.random.Generator) -> tuple[torch.Tensor, Params]:
         _check_lr_hr(lr, hr, scale)

@@ -1,4 +1,4 @@
-"""The FGR data-set builder (PAPER.md section 2): HR crop -> LR -> SR -> region swap -> maps.
+"""The FGR data-set builder (arXiv 2512.22647, FGR-30k): HR crop -> LR -> SR -> region swap -> maps.
 
 How a build is organised, and why:
 
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,12 +40,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-import multiprocessing as mp
 import numpy as np
 import torch
 
 import finpercep
 from finpercep.config import from_dict, to_dict
+from finpercep.data.dataset import DATASET_JSON, MANIFEST, PATH_KEYS, quantise, read_manifest, sample_file, swap
 from finpercep.data.degradations import DegradationConfig, degrade
 from finpercep.data.gt_maps import GTMapConfig, GTMapper
 from finpercep.data.masks import MASK_KINDS, make_mask
@@ -55,22 +56,16 @@ from finpercep.io import (
     atomic_write_bytes,
     list_images,
     read_image,
-    safe_relpath,
     save_json,
     save_npy,
     save_png,
     to_tensor,
-    to_uint8,
 )
 from finpercep.types import SRFamily
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
-DATASET_JSON = "dataset.json"
 BUILD_JSON = "build.json"  # the config a (possibly unfinished) build was started with
-REQUIRED_KEYS = ("id", "hr", "lr", "sr", "syn", "mask", "map_syn", "map_sr", "sr_family", "mask_kind", "mask_area", "seed")
-PATH_KEYS = ("hr", "lr", "sr", "syn", "mask", "map_syn", "map_sr")  # files of a sample, relative to its folder
 
 
 @contextmanager
@@ -231,11 +226,6 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
-def _quantise(img: torch.Tensor) -> torch.Tensor:
-    """Round to 8 bits and back: what is written is what is used."""
-    return to_tensor(to_uint8(img))
-
-
 def unit_paths(u: int) -> dict[str, str]:
     d = f"units/{u // 1000:04d}"
     return {k: f"{d}/u{u:07d}_{k}{ext}" for k, ext in
@@ -290,12 +280,12 @@ class UnitBuilder:
             hr = hr.flip(-2)
         hr = hr.contiguous()
         lr, deg_params = degrade(hr, cfg.scale, rng_deg, cfg.degradation)
-        lr = _quantise(lr)
+        lr = quantise(lr)  # what is written is what is used
         family = self.families[u % len(self.families)]
         sr, sr_params = family.fn(lr, hr, cfg.scale, rng_sr)
         if tuple(sr.shape) != tuple(hr.shape):
             raise RuntimeError(f"SR family {family.name} returned {tuple(sr.shape)}, expected {tuple(hr.shape)}")
-        sr = _quantise(sr)
+        sr = quantise(sr)
         map_sr = self.mapper(hr[None], sr[None])[0, 0]
         paths = unit_paths(u)
         _put(save_png, self.out / paths["hr"], hr)
@@ -343,7 +333,8 @@ class UnitBuilder:
             masks.append(m)
             mask_params.append(p)
         mask = torch.stack(masks)[:, None]  # (K, 1, H, W) in {0, 1}
-        syn = mask * sr[None] + (1 - mask) * hr[None]  # PAPER.md sec. 2: I_syn = B * I_SR + (1 - B) * I_GT
+        n = len(indices)
+        syn = swap(hr.expand(n, -1, -1, -1), sr.expand(n, -1, -1, -1), mask)  # (K, 3, H, W); arXiv 2512.22647, Sec. 2
         map_syn = self.mapper(hr[None], syn)  # (K, 1, H, W); HR encoded once
         up = unit_paths(u)
         records = []
@@ -431,49 +422,19 @@ class BuildReport:
     complete: bool
 
 
-def check_record(rec: Any, required: Sequence[str], where: str) -> None:
-    """Raise ``ValueError`` (one line, starting with ``where``) unless ``rec`` is a manifest record:
-    a JSON object with a string ``id`` and every key of ``required``."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
-        got = json.dumps(rec)
-        got = got if len(got) <= 60 else got[:57] + "..."
-        raise ValueError(f"{where}: not a sample record (a JSON object with a string \"id\"), got {got}; "
-                         "fix or delete that line")
-    missing = [k for k in required if k not in rec]
-    if missing:
-        raise ValueError(f"{where}: sample {rec['id']} has missing keys {missing}; fix or delete that line")
-
-
-def read_manifest(out: Path, repair: bool = False, required: Sequence[str] = ()) -> list[dict]:
-    """Read ``out/manifest.jsonl``: one record (dict) per line, each with a string ``id`` and the
-    keys ``required``. ``[]`` when there is no manifest.
-
-    Every finished line ends with a newline; bytes after the last newline are a line torn by a
-    killed build. They are ignored, and with ``repair`` cut from the file so appends continue on a
-    clean line (the sample they described has no line, so it is rebuilt, identically). Raises
-    ``ValueError`` naming the file and line for a line that is JSON but not a complete record.
-    """
+def _cut_torn_line(out: Path) -> None:
+    """Cut the bytes after the last newline of ``out/manifest.jsonl`` (a line torn by a killed
+    build, which :func:`~finpercep.data.dataset.read_manifest` ignores), so appends continue on a
+    clean line; the sample it described has no line, so it is rebuilt, identically."""
     path = Path(out) / MANIFEST
     if not path.exists():
-        return []
+        return
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
-    records = []
-    for n, line in enumerate(data[:cut].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s line %d is not valid JSON; ignored (its sample will be rebuilt)", path, n)
-            continue
-        check_record(rec, required, f"{path} line {n}")
-        records.append(rec)
-    if repair and cut < len(data):
+    if cut < len(data):
         log.warning("dropping a torn last line from %s (an interrupted build)", path)
         with _writing(path), open(path, "r+b") as f:
             f.truncate(cut)
-    return records
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -542,7 +503,8 @@ def build_dataset(
                                        "extra_families": [f.name for f in extra_families],
                                        "photos": [p.rel for p in photos]})
 
-    done = {r["id"] for r in read_manifest(out, repair=True)}
+    done = {r["id"] for r in read_manifest(out)}
+    _cut_torn_line(out)
     todo: dict[int, list[int]] = {}
     for u in range(si, cfg.num_units, sn):
         idx = [i for i in range(u * cfg.masks_per_sr, min((u + 1) * cfg.masks_per_sr, cfg.num))
@@ -677,21 +639,6 @@ def dataset_info(cfg: BuildConfig, shard: tuple[int, int], records: list[dict], 
         "photos": [p.rel for p in photos],
         "skipped_photos": skipped,
     }
-
-
-def sample_file(root: Path, rec: dict, key: str) -> Path:
-    """The file ``rec[key]`` of manifest record ``rec`` of the data set in ``root``.
-
-    Raises ``ValueError`` naming the manifest and sample when the path is not a string, is absolute
-    or leaves ``root`` (``..``): a manifest never makes us read or write outside its folder.
-    """
-    rel = rec[key]
-    if not isinstance(rel, str):
-        raise ValueError(f"{root / MANIFEST} sample {rec['id']}: {key} must be a path string, got {rel!r}")
-    try:
-        return safe_relpath(root, rel)
-    except ValueError as e:
-        raise ValueError(f"{root / MANIFEST} sample {rec['id']}: {key}: {e}") from None
 
 
 def merge_datasets(parts: list[str | Path], out: str | Path, *, link: bool = True) -> int:

@@ -40,11 +40,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 import torch
-from scipy import special
 
+from finpercep.checks import require
 from finpercep.types import Params
 
 SUPPORTED_SCALES = (2, 4)
@@ -312,6 +311,7 @@ def circular_lowpass_kernel(size: int, omega_c: float) -> np.ndarray:
     k(r) = omega_c * J1(omega_c r) / (2 pi r), k(0) = omega_c^2 / (4 pi), truncated to
     (size, size) and normalised to sum 1. Has negative lobes (ringing is the point).
     """
+    special = require("scipy.special", extra="data")
     r = np.hypot(*np.moveaxis(_grid(size), -1, 0))
     with np.errstate(divide="ignore", invalid="ignore"):
         k = omega_c * special.j1(omega_c * r) / (2 * np.pi * r)
@@ -456,6 +456,7 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
 
 
 def _filter_hwc(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    cv2 = require("cv2", extra="data")
     out = cv2.filter2D(x, -1, np.asarray(kernel, dtype=np.float32), borderType=cv2.BORDER_REFLECT_101)
     return out.reshape(x.shape)  # OpenCV drops a trailing axis of size 1; keep (h, w, c)
 
@@ -569,6 +570,7 @@ def add_poisson_noise(img: torch.Tensor, scale: float, gray: bool, rng: np.rando
 def _jpeg_hwc(x: np.ndarray, quality: int) -> np.ndarray:
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"JPEG quality must be in [1, 100], got {quality!r}")
+    cv2 = require("cv2", extra="data")
     u8 = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)  # round, not truncate
     ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(u8[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # pragma: no cover - OpenCV failure

@@ -1,5 +1,5 @@
 """Ground-truth degradation maps for region-swapped images (FinPercep-RM, Liu et al.,
-arXiv 2512.22647, the FGR-30k data set; PAPER.md section 2):
+arXiv 2512.22647, the ground-truth maps of the FGR-30k data set):
 
     M_gt = Normalize(alpha * D_pixel + (1 - alpha) * D_feat)
 

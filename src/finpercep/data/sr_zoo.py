@@ -18,16 +18,18 @@ def sr_families() -> dict[str, SRFamily]:
     """All built-in SR families, name -> :class:`SRFamily` (real, interpolation, procedural)."""
     from finpercep.data.artifacts import INTERPOLATION_FAMILIES, PROCEDURAL_FAMILIES
     from finpercep.data.ncnn_models import REAL_FAMILIES
+    from finpercep.data.negatives import NEGATIVE_FAMILIES
 
-    return {**REAL_FAMILIES, **INTERPOLATION_FAMILIES, **PROCEDURAL_FAMILIES}
+    return {**REAL_FAMILIES, **INTERPOLATION_FAMILIES, **PROCEDURAL_FAMILIES, **NEGATIVE_FAMILIES}
 
 
 # Group names usable wherever a list of families is asked for.
 FAMILY_GROUPS: dict[str, str] = {
-    "all": "every built-in family",
+    "all": "every built-in SR family (real, interpolation, procedural; not the negative edits)",
     "real": "real pretrained SR networks (ncnn)",
     "interpolation": "classic interpolation",
     "procedural": "procedural generative-SR artifacts",
+    "negative": "negative edits of the HR photo (darker, blurred, flat, ...) a reward must rank below it",
 }
 
 
@@ -44,7 +46,7 @@ def resolve_families(spec: str | list[str] | tuple[str, ...], scale: int) -> lis
     out: list[SRFamily] = []
     for name in names:
         if name in FAMILY_GROUPS:
-            picked = [f for f in zoo.values() if name == "all" or f.kind == name]
+            picked = [f for f in zoo.values() if (name == "all" and f.kind != "negative") or f.kind == name]
         elif name in zoo:
             picked = [zoo[name]]
         else:

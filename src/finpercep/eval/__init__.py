@@ -1,6 +1,11 @@
-"""Evaluation: metric math (``metrics``), shared by the reward benchmarks and RL evaluation."""
+"""Evaluation: the reward-model benchmark (``rm_benchmark``), SR quality (``sr_quality``), the
+reward-hacking experiment (``hacking``) and the HTML report (``report``).
 
-from finpercep.eval.metrics import (
+The metric math they share lives in the leaf :mod:`finpercep.metrics`; it is re-exported here (and
+from ``finpercep.eval.metrics``) for code written against the old paths.
+"""
+
+from finpercep.metrics import (
     DEFAULT_IOU_THRESHOLD,
     average_precision,
     drop_fraction,

@@ -1,4 +1,4 @@
-"""The paper's reward-hacking experiment (PAPER.md section 4, Fig. 1; issue #5 section 2).
+"""The paper's reward-hacking experiment (arXiv 2512.22647, Fig. 1: global reward vs CCL).
 
 Same policy, same data, same step budget and seed; one arm per reward (:data:`ARMS`):
 
@@ -104,7 +104,8 @@ def run_experiment(
     from finpercep.policies import load_policy
     from finpercep.reward.api import load_reward
     from finpercep.rl import fine_tune
-    from finpercep.rl.common import PairData, is_stochastic, read_metrics
+    from finpercep.rl.common import PairData, is_stochastic
+    from finpercep.runs import read_metrics
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,12 +183,10 @@ def write_table(results: dict[str, Any], path: Path) -> None:
 def plot_curves(out: Path, arms: list[str], path: Path) -> None:
     """Each arm's reward curve (step mean with a moving average), one panel per arm (the rewards
     have different scales), curriculum stages shaded."""
-    import matplotlib
+    from finpercep.runs import read_metrics
+    from finpercep.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from finpercep.rl.common import read_metrics
+    plt = pyplot()
 
     arms = [a for a in arms if (out / a / "metrics.jsonl").exists()]
     if not arms:
@@ -222,10 +221,10 @@ def crops_figure(out: Path, arms: list[str], policy: str, test: Any, judge: torc
     each arm's output with the judge's map overlaid (judge score in the label)."""
     from PIL import Image, ImageDraw
 
-    from finpercep.data.sheet import heatmap_overlay
     from finpercep.io import to_uint8
     from finpercep.policies import load_policy
     from finpercep.rl.common import is_stochastic
+    from finpercep.viz import heatmap_overlay
 
     cols: list[tuple[str, torch.Tensor]] = []
     pairs = [test.pair(i) for i in range(min(n, len(test)))]

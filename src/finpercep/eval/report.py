@@ -1,4 +1,4 @@
-"""A self-contained HTML report of RL runs (issue #5 section 3): what ``finpercep report`` writes.
+"""A self-contained HTML report of RL runs: what ``finpercep report`` writes.
 
 One HTML file, readable offline and mailable as is: CSS inline, every image (curves, sample grids)
 inlined as a base64 ``data:`` URI, no script and no external URL. Per run (a folder written by
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finpercep.checks import require
 from finpercep.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ def _comparison_eval(ev: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _new_figure(width: float, height: float) -> Any:
+    require("matplotlib", extra="report")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

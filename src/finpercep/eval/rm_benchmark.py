@@ -1,4 +1,4 @@
-"""The reward-model benchmark (issue 3, section 4, "How good, measured"): pure pieces and the loop.
+"""The reward-model benchmark ("how good, measured"): pure pieces and the loop.
 
 ``benchmarks/rm_eval.py`` is the command-line shell; everything it reports is computed here:
 
@@ -6,11 +6,12 @@
    against the swap mask ``B``, MAE against ``M_gt`` (the data set's ``map_syn``) and IoU of
    ``M >= 0.5`` with ``B``, pooled over all pixels of all samples of a family group
    (:class:`MapStats`).
-2. **Ordering accuracy** ``S_HR > S_syn > S_SR`` per triplet (PAPER.md section 3, ``L_rank``).
+2. **Ordering accuracy** ``S_HR > S_syn > S_SR`` per triplet (the ranking loss ``L_rank`` of arXiv 2512.22647).
 3. **Local sensitivity**, the paper's core claim: an artifact of exactly ``a`` of the image area
    (``a`` in 1 %, 3 %, 10 %) is swapped into the clean HR crop from the sample's own SR output
-   (``I = B * I_SR + (1 - B) * I_HR``, PAPER.md section 2, quantised to 8 bits); the fraction of
-   crops whose score drops below the clean crop's (:func:`local_swap`, :func:`exact_area_mask`).
+   (``I = B * I_SR + (1 - B) * I_HR``, arXiv 2512.22647, Sec. 2, quantised to 8 bits as in the data
+   set: :func:`finpercep.data.dataset.swap`); the fraction of crops whose score drops below the
+   clean crop's (:func:`exact_area_mask`).
 4. **Speed and memory** of score + map at 512x512 against a ShiftTolerant-LPIPS AlexNet pass on a
    512x512 pair, each measured in a fresh subprocess (:func:`measure_speed`).
 
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finpercep.eval.metrics import (
+from finpercep.metrics import (
     DEFAULT_IOU_THRESHOLD,
     average_precision,
     drop_fraction,
@@ -51,7 +52,7 @@ ScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 """``fn(x (B, 3, H, W) in [0, 1]) -> (score (B,) float, higher = better; map (B, 1, H, W) or None)``."""
 
 SENSITIVITY_AREAS: tuple[float, ...] = (0.01, 0.03, 0.10)
-"""Artifact areas of the local-sensitivity test (issue 3, section 4)."""
+"""Artifact areas of the local-sensitivity test."""
 
 CLASSIC_METRICS: dict[str, str] = {"niqe": "NIQE", "brisque": "BRISQUE", "piqe": "PIQE"}
 """Classic no-reference baselines (keys of ``finpercep.baselines.METRICS``) -> display name."""
@@ -67,7 +68,7 @@ ground-truth map itself finds the swap mask (an upper reference for AUROC / AP /
 DEFAULT_HELD_OUT: tuple[str, ...] = ("realsr", "seams")
 """Families the embedded recipe leaves out of training (``configs/rm_embedded.yaml``)."""
 
-# Targets of issue 3, section 4. "Clearly worse" is not quantified there; ours: every global
+# The project's targets for the reward model. "Clearly worse" is not quantified; ours: every global
 # baseline's 3 % drop fraction at least CLEARLY_WORSE_MARGIN below the final RM's.
 TARGET_HELD_OUT_AUROC = 0.95
 TARGET_ORDER_ACCURACY = 0.95
@@ -212,15 +213,6 @@ def exact_area_mask(hr: torch.Tensor, area: float, rng: np.random.Generator) -> 
     return make_mask("blob", hr, rng, area=exact_area_bounds(area, h * w))
 
 
-def local_swap(hr: torch.Tensor, sr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``I = B * I_SR + (1 - B) * I_HR`` (PAPER.md section 2) quantised to 8 bits, as the data set
-    stores its ``syn`` images. ``hr``, ``sr`` ``(3, H, W)`` in [0, 1]; ``mask`` ``(H, W)`` in {0, 1}."""
-    if hr.shape != sr.shape or hr.ndim != 3 or tuple(mask.shape) != tuple(hr.shape[-2:]):
-        raise ValueError(f"local_swap: shapes hr {tuple(hr.shape)}, sr {tuple(sr.shape)}, mask {tuple(mask.shape)} do not fit")
-    syn = mask[None] * sr + (1 - mask[None]) * hr
-    return torch.round(syn.clamp(0, 1) * 255) / 255
-
-
 def pixel_subsample(n_pixels: int, k: int, rng: np.random.Generator) -> np.ndarray | None:
     """Sorted flat indices of ``k`` pixels drawn uniformly without replacement, or ``None`` (all
     pixels) when ``k == 0`` or ``k >= n_pixels``."""
@@ -240,7 +232,7 @@ class MapStats:
     AUROC and AP need every pooled value at once, so they use a uniform pixel subsample per image
     (``values``, ``labels``); MAE and IoU are exact sums over all pixels. ``summary()`` gives
     ``pixel_auroc``, ``average_precision``, ``mae`` (``mean |M - M_gt|``), ``iou`` (``M >= t`` vs
-    ``B``, pooled intersection over pooled union, as :func:`finpercep.eval.metrics.iou_at` on the
+    ``B``, pooled intersection over pooled union, as :func:`finpercep.metrics.iou_at` on the
     concatenation of all images), and the counts.
     """
 
@@ -329,7 +321,7 @@ def ordering_summary(triplets: Sequence[dict], scorer: str, group: str) -> dict[
 
 def drop_summary(crops: Sequence[dict], scorer: str, group: str, area: float) -> dict[str, Any]:
     """Fraction of the crops of ``group`` whose ``scorer`` score with an artifact of ``area`` is
-    strictly below the clean crop's (:func:`finpercep.eval.metrics.drop_fraction`). ``crops``:
+    strictly below the clean crop's (:func:`finpercep.metrics.drop_fraction`). ``crops``:
     records with ``groups`` and ``scores[scorer] = {"clean": s, "local": {area_key: s}}``."""
     key = area_key(area)
     rows = [[c["scores"][scorer]["clean"], c["scores"][scorer]["local"][key]] for c in crops if group in c["groups"]]
@@ -380,9 +372,9 @@ def evaluate(
     once: HR and SR scores are shared by the unit's triplets and are the clean scores of the
     sensitivity test. ``on_unit(done, total)`` is called after each unit (progress display).
     """
-    from finpercep.data.dataset import FGRDataset
+    from finpercep.data.dataset import TRIPLET_KEYS, FGRDataset, swap
 
-    ds = FGRDataset(dataset_root, keys=("hr", "syn", "sr", "mask", "map_syn"))
+    ds = FGRDataset(dataset_root, keys=TRIPLET_KEYS)
     if len(ds) == 0:
         raise ValueError(f"{dataset_root}: the test data set has no samples")
     chosen = select_evenly(len(ds), cfg.max_samples)
@@ -402,9 +394,10 @@ def evaluate(
 
     for u_idx, hr_path in enumerate(unit_list):
         t0 = time.perf_counter()
-        items = [ds[i] for i in units[hr_path]]
-        rec0 = items[0]["meta"]
-        hr, sr = items[0]["hr"], items[0]["sr"]
+        samples = ds.load_triplets(units[hr_path])  # k triplets sharing one HR crop and SR output
+        recs = [ds.records[i] for i in units[hr_path]]
+        rec0 = recs[0]
+        hr, sr = samples.hr[:1], samples.sr[:1]  # (1, 3, H, W)
         family, kind = rec0["sr_family"], family_kind(rec0)
         groups = group_names(family, kind, cfg.held_out)
         unit_id = int(rec0.get("unit", u_idx))
@@ -412,19 +405,19 @@ def evaluate(
         if hr_path in sens_units:
             for a_idx, area in enumerate(cfg.areas):
                 rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, unit_id, a_idx, 1]))
-                mask, params = exact_area_mask(hr, area, rng)
-                local.append(local_swap(hr, sr, mask))
+                mask, params = exact_area_mask(hr[0], area, rng)
+                local.append(swap(hr, sr, mask[None, None]))
                 local_areas[area_key(area)] = params["area"]
-        batch = torch.stack([hr, sr] + [it["syn"] for it in items] + local)  # (2 + k + m, 3, H, W)
-        n_syn = len(items)
+        batch = torch.cat([hr, sr, samples.syn, *local])  # (2 + k + m, 3, H, W)
+        n_syn = len(samples)
         pix_idx = [pixel_subsample(hr.shape[-2] * hr.shape[-1], cfg.pixels_per_image,
                                    np.random.default_rng(np.random.SeedSequence([cfg.seed, i, 2])))
                    for i in units[hr_path]]
         seconds["data"] += time.perf_counter() - t0
 
-        unit_triplets = [{"id": it["meta"]["id"], "unit": unit_id, "family": family, "kind": kind,
-                          "groups": list(groups), "mask_area": it["meta"].get("mask_area"), "scores": {}}
-                         for it in items]
+        unit_triplets = [{"id": r["id"], "unit": unit_id, "family": family, "kind": kind,
+                          "groups": list(groups), "mask_area": r.get("mask_area"), "scores": {}}
+                         for r in recs]
         crop = {"unit": unit_id, "family": family, "kind": kind, "groups": list(groups),
                 "areas": local_areas, "scores": {}} if local else None
         for name, fn in scorers.items():
@@ -438,11 +431,11 @@ def evaluate(
                 crop["scores"][name] = {"clean": s[0], "local": dict(zip(local_areas, s[2 + n_syn:]))}
             if m is not None:
                 stats = maps[name].setdefault(family, MapStats(threshold=cfg.iou_threshold))
-                for k, it in enumerate(items):
-                    stats.add(m[2 + k], it["mask"], it["map_syn"], pix_idx[k])
+                for k in range(n_syn):
+                    stats.add(m[2 + k], samples.mask[k], samples.map_syn[k], pix_idx[k])
         ref = maps[GT_REFERENCE].setdefault(family, MapStats(threshold=cfg.iou_threshold))
-        for k, it in enumerate(items):
-            ref.add(it["map_syn"], it["mask"], it["map_syn"], pix_idx[k])
+        for k in range(n_syn):
+            ref.add(samples.map_syn[k], samples.mask[k], samples.map_syn[k], pix_idx[k])
         triplets += unit_triplets
         if crop is not None:
             crops.append(crop)
@@ -692,7 +685,7 @@ def _target(name: str, value: float | None, target: str, reached: bool | None, d
 
 
 def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The four targets of issue 3, section 4, checked on the final RM (``None`` = not measured)."""
+    """The project's four targets, checked on the final RM (``None`` = not measured)."""
     final = report["setup"]["final"]
     out = []
     auroc = report["map_quality"].get(final, {}).get("held-out", {}).get("pixel_auroc")
@@ -741,7 +734,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     final = st["final"]
     md = ["# Reward-model evaluation", "", f"`{command}`", ""]
 
-    md += ["## Targets (issue 3, section 4)", ""]
+    md += ["## Targets", ""]
     rows = []
     for t in report["targets"]:
         v = t["value"]

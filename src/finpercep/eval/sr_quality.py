@@ -1,11 +1,11 @@
-"""Quality of an SR policy on held-out LR/HR pairs, by measures RL never optimises directly
-(issue #4 section 4, issue #5 section 2): full reference against HR (PSNR, SSIM, ST-LPIPS), no
+"""Quality of an SR policy on held-out LR/HR pairs, by measures RL never optimises directly:
+full reference against HR (PSNR, SSIM, ST-LPIPS), no
 reference (NIQE, BRISQUE, PIQE) and a FinPercep-RM (its score and its map: mean and the area
 above a threshold).
 
 PSNR and SSIM twice: ``psnr`` / ``ssim`` on RGB over the whole image (the columns of our earlier
 results), and ``psnr_y`` / ``ssim_y`` as SR papers report them (BT.601 luma, the scale factor
-cropped at each edge; :mod:`finpercep.eval.metrics`). Every value is a mean over images;
+cropped at each edge; :mod:`finpercep.metrics`). Every value is a mean over images;
 :data:`DIRECTION` says which way is better.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finpercep.eval.metrics import psnr, psnr_y, ssim, ssim_y  # noqa: F401 (psnr kept importable here)
+from finpercep.metrics import psnr, psnr_y, ssim, ssim_y  # noqa: F401 (psnr kept importable here)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Convert the ncnn SR models shipped in pip packages into PyTorch policies, once, into a cache.
 
-The real pretrained SR networks of this project (RESOURCES.md) ship only as ncnn ``.param`` /
-``.bin`` pairs; to fine-tune them we need them in PyTorch. This module reads both files, maps
+The real pretrained SR networks of this project (the ``data`` extra's ``sr-vulkan-model-*`` pip
+packages) ship only as ncnn ``.param`` / ``.bin`` pairs; to fine-tune them we need them in
+PyTorch. This module reads both files, maps
 their convolutions in order onto :class:`~finpercep.policies.rrdbnet.RRDBNet` or
 :class:`~finpercep.policies.upconv7.UpConv7`, checks every shape, kernel, stride, padding and
 activation against the module, and writes a policy checkpoint (``config.json`` +
@@ -478,12 +479,13 @@ def _build(name: str, spec: ConvertedSpec, source: str) -> nn.Module:
 
 def _load_cache(folder: Path, arch: str, source: str) -> nn.Module | None:
     """The cached policy, or None (logged) when the folder is missing, broken or stale."""
-    from finpercep.policies import CONFIG_NAME, WEIGHTS_NAME, load_policy_checkpoint
+    from finpercep.io import is_pretrained
+    from finpercep.policies.checkpoint import load_checkpoint
 
-    if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
+    if not is_pretrained(folder):
         return None
     try:
-        model = load_policy_checkpoint(folder)
+        model = load_checkpoint(folder, {"rrdbnet": (RRDBNet, RRDBConfig), "upconv7": (UpConv7, UpConv7Config)})
     except Exception as e:  # any unreadable cache (bad JSON, truncated safetensors, ...) is rebuilt
         log.warning("ignoring the broken policy cache %s (%s: %s); converting again", folder, type(e).__name__, e)
         return None
@@ -498,7 +500,7 @@ def _write_cache(model: nn.Module, folder: Path) -> None:
     """Save ``model`` as a checkpoint folder, complete or not at all: written into a temporary
     sibling folder, then renamed into place (replacing a broken or stale cache)."""
     from finpercep.io import make_temp_sibling
-    from finpercep.policies import save_policy
+    from finpercep.policies.checkpoint import save_policy
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_sibling(folder, directory=True)  # named so that a killed run's leftover is swept

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,18 +60,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from finpercep.checks import check_image_batch
-from finpercep.data.degradations import DegradationConfig
 from finpercep.config import check_between, check_positive
+from finpercep.policies.recipe import RecipeConfig, train_recipe
 from finpercep.policies.tiny import (
     MAX_CHANNELS,
     MAX_LAYERS,
     WEIGHTS_DIR,
     bicubic_upscale,
-    check_recipe,
     clamp01_st,
     resolve_checkpoint,
 )
-from finpercep.types import NonFiniteError, Trajectory
+from finpercep.types import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -299,12 +297,9 @@ def _check_weight(w: object, u: torch.Tensor) -> None:
 def load_flow(path: str | Path | None = None) -> FlowSR:
     """The shipped ``flow-x4`` (``path=None``; ``finpercep/policies/weights/flow-x4/``), or the
     checkpoint / training run folder ``path``. Eval mode, CPU, float32."""
-    from finpercep.policies import load_policy_checkpoint
+    from finpercep.policies.checkpoint import load_checkpoint
 
-    model = load_policy_checkpoint(resolve_checkpoint(path, WEIGHTS_DIR / "flow-x4", "flow"))
-    if not isinstance(model, FlowSR):
-        raise ValueError(f"{path}: holds a {type(model).__name__} checkpoint, not a FlowSR")
-    return model
+    return load_checkpoint(resolve_checkpoint(path, WEIGHTS_DIR / "flow-x4", "flow"), {FlowSR.arch: (FlowSR, FlowConfig)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,88 +308,36 @@ def load_flow(path: str | Path | None = None) -> FlowSR:
 
 
 @dataclass(frozen=True)
-class FlowTrainConfig:
-    """How ``flow-x4`` is trained (flow matching on degraded real-photo crops, the same data
-    pipeline as ``tiny-x4``). YAML fills it; unknown keys are errors."""
+class FlowTrainConfig(RecipeConfig):
+    """How ``flow-x4`` is trained (flow matching on degraded real-photo crops, each with its own
+    ``t`` and noise): the shared recipe settings (:class:`finpercep.policies.recipe.RecipeConfig`),
+    the architecture and sampler, and a lower peak learning rate than ``tiny-x4``'s. YAML fills
+    it; unknown keys are errors."""
 
     model: FlowConfig = field(default_factory=FlowConfig)
     """Architecture and sampler."""
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
-    """How LR inputs are made from HR crops (Real-ESRGAN x4plus defaults)."""
-    steps: int = 2000
-    """Optimiser steps."""
-    batch: int = 16
-    """HR crops per step (each with its own ``t`` and noise)."""
-    crop: int = 128
-    """HR crop side in pixels (a multiple of the scale)."""
-    lr: float = 1e-3
+    learning_rate: float = 1e-3
     """Peak learning rate (AdamW), reached after ``warmup`` steps, then cosine decay to 0."""
-    warmup: int = 50
-    """Linear warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    augment: bool = True
-    """Random flips and 90-degree rotations of the crops."""
-    seed: int = 0
-    """Seeds the initialisation, the data order and the flow-matching noise / times of each step."""
-    threads: int = 1
-    """torch CPU threads while training (restored afterwards); see ``TinyTrainConfig.threads``."""
-    log_every: int = 20
-    """Steps between ``metrics.jsonl`` lines."""
 
-    def __post_init__(self) -> None:
-        check_recipe(self)
+
+def flow_matching_loss(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """The flow recipe's loss: conditional flow matching (Lipman et al. 2023, eq. 23, with the
+    rectified path ``x_t = (1 - t) eps + t r``), ``mean_i model.denoising_error(lr, hr, t, eps)``
+    with ``t ~ U(0, 1)`` ``(B,)`` and ``eps ~ N(0, I)`` shaped like ``hr (B, 3, H, W)``, drawn from
+    ``generator`` in that order. Logs ``loss/fm`` and ``residual/std``, the standard deviation of
+    the batch's scaled residual ``(hr - bicubic(lr)) / res_scale`` (about 1 when ``res_scale`` fits)."""
+    t = torch.rand(hr.shape[0], generator=generator)
+    noise = torch.randn(hr.shape, generator=generator)
+    loss = model.denoising_error(lr, hr, t, noise).mean()
+    res_std = float(((hr - bicubic_upscale(lr, model.scale)) / model.cfg.res_scale).std())
+    return loss, {"loss/fm": loss.item(), "residual/std": res_std}
 
 
 def train_flow(cfg: FlowTrainConfig, photos: Path, out: Path, progress: bool = True) -> Path:
-    """Train :class:`FlowSR` with the flow-matching loss (conditional flow matching, Lipman et al.
-    2023, eq. 23 with the rectified path ``x_t = (1 - t) eps + t r``, ``t ~ U(0, 1)``) on random
-    crops of the images under ``photos``; write ``out/train_config.json``, ``out/metrics.jsonl``
-    (``loss/fm``, ``residual/std`` of the batch's scaled residual, ``lr``, ``time/step``) and the
-    final checkpoint ``out/model/``, which is returned. Not resumable (minutes long)."""
-    from finpercep.config import to_dict
-    from finpercep.io import save_json
-    from finpercep.policies import save_policy
-    from finpercep.io import append_jsonl
-    from finpercep.policies.recipe_data import cosine_lr, load_photos, progress_bar, sample_batch
-
-    out = Path(out)
-    images = load_photos(photos, cfg.crop)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "train_config.json", {"recipe": "flow", "photos": str(photos), "config": to_dict(cfg)})
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        torch.manual_seed(cfg.seed)
-        model = FlowSR(cfg.model).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        bar = progress_bar(cfg.steps, "flow-x4", progress)
-        for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            lr_img, hr = sample_batch(images, cfg.seed, step, cfg.batch, cfg.crop, cfg.model.scale, cfg.degradation, cfg.augment)
-            # The flow-matching draws of step i come from their own seed, apart from the data's.
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, 1]).generate_state(1)[0]))
-            t = torch.rand(hr.shape[0], generator=g)
-            noise = torch.randn(hr.shape, generator=g)
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-            loss = model.denoising_error(lr_img, hr, t, noise).mean()
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"train_flow: loss is {loss.item()} at step {step + 1}; the run stops here "
-                                     f"(this recipe is not resumable: rerun with a lower lr than {cfg.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                res_std = float(((hr - bicubic_upscale(lr_img, cfg.model.scale)) / cfg.model.res_scale).std())
-                append_jsonl(metrics, {
-                    "step": step, "loss/fm": loss.item(), "residual/std": res_std,
-                    "lr": opt.param_groups[0]["lr"], "time/step": time.perf_counter() - t0,
-                })
-            bar(loss.item())
-        return save_policy(model.eval(), out / "model")
-    finally:
-        torch.set_num_threads(threads)
+    """Train :class:`FlowSR` (initialised from ``cfg.seed``) with :func:`flow_matching_loss`
+    through :func:`finpercep.policies.recipe.train_recipe`: ``out/train_config.json``,
+    ``out/metrics.jsonl`` (``loss/fm``, ``residual/std``, ``lr``, ``time/step``) and the checkpoint
+    ``out/model/``, which is returned. Not resumable (minutes long)."""
+    torch.manual_seed(cfg.seed)
+    return train_recipe(cfg, FlowSR(cfg.model), flow_matching_loss, photos, out, recipe="flow", progress=progress)

@@ -1,17 +1,17 @@
-"""Data and bookkeeping shared by the training recipes of ``tiny-x4`` and ``flow-x4``.
+"""Data shared by the training recipes of ``tiny-x4`` and ``flow-x4`` (:mod:`finpercep.policies.recipe`).
 
 The pairs are what a real-world SR network meets: a random HR crop of a real photo and its LR made
 by the data engine's Real-ESRGAN second-order degradation
 (:func:`finpercep.data.degradations.degrade`). The data order is a pure function of ``(seed,
 step)``: step ``i`` draws from ``numpy.random.default_rng([seed, i])``, so a rerun (or a resumed
-run) sees the same batches with no sampler state.
+run) sees the same batches with no sampler state; the loss's own draws of step ``i`` come from
+:func:`step_generator`.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,12 @@ def load_photos(folder: str | Path, min_size: int) -> list[np.ndarray]:
 def step_rng(seed: int, step: int) -> np.random.Generator:
     """The generator that draws step ``step``'s batch (and nothing else)."""
     return np.random.default_rng([int(seed), int(step)])
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU torch generator of step ``step``'s loss draws (flow matching's times and noise),
+    apart from the data's: seeded with ``SeedSequence([seed, step, 1])``."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
 
 
 def random_crop(img: np.ndarray, crop: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
@@ -120,39 +126,3 @@ def cosine_lr(step: int, steps: int, base_lr: float, warmup: int) -> float:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def load_yaml_config(cls: type, path: str | Path | None, **overrides: Any) -> Any:
-    """Dataclass ``cls`` from a YAML file (``yaml.safe_load``; unknown keys, wrong types and YAML
-    syntax errors are one-line ValueErrors), then ``overrides`` (``None`` values ignored)."""
-    from dataclasses import replace
-
-    from finpercep.config import from_dict, load_yaml
-
-    data = load_yaml(path) if path is not None else {}
-    cfg = from_dict(cls, data, where=f"{path}:" if path is not None else cls.__name__)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def read_metrics(run: str | Path) -> list[dict]:
-    """The lines of ``run/metrics.jsonl`` as dicts."""
-    from finpercep.io import read_jsonl
-
-    return read_jsonl(Path(run) / "metrics.jsonl")
-
-
-def progress_bar(total: int, desc: str, enabled: bool) -> Callable[[float], None]:
-    """``advance(loss)`` moving a tqdm bar of ``total`` steps; a no-op when not ``enabled``."""
-    if not enabled:
-        return lambda loss: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
-
-    def advance(loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if bar.n >= total:
-            bar.close()
-
-    return advance

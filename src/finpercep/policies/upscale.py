@@ -97,8 +97,7 @@ def run_sr(paths: list[str | Path], policy: nn.Module, out_dir: Path, *, tile: i
     ``out_dir``) stops the run: the next files would fail the same way. ``out`` / ``err``: default
     the current ``sys.stdout`` / ``sys.stderr``."""
     out, err = out or sys.stdout, err or sys.stderr
-    from finpercep.io import ImageReadError
-    from finpercep.reward.score import expand_inputs, output_names
+    from finpercep.io import ImageReadError, expand_inputs, output_names
 
     files, errors = expand_inputs(paths)
     for e in errors:

@@ -5,7 +5,7 @@
 - a **checkpoint folder** (``config.json`` + ``model.safetensors``, written by
   :func:`finpercep.reward.model.save_pretrained`);
 - a **training run folder** holding one checkpoint per curriculum stage, ``stage_0/ .. stage_N/``
-  (RM_0 .. RM_N, PAPER.md section 4); ``stage`` picks one, by default the last complete one;
+  (RM_0 .. RM_N, the curriculum of arXiv 2512.22647); ``stage`` picks one, by default the last complete one;
 - ``None``: the **embedded default**, a run-like folder with ``stage_0 .. stage_N`` shipped inside
   the package (:func:`embedded_checkpoint_dir`).
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from finpercep.io import CONFIG_NAME, WEIGHTS_NAME
+from finpercep.io import is_pretrained as _is_checkpoint
 from finpercep.reward.model import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     FinPercepRM,
     decoder_reach,
     default_tile_context,
@@ -55,10 +55,6 @@ def embedded_checkpoint_dir() -> Path:
     from importlib.resources import files
 
     return Path(str(files("finpercep.reward").joinpath(EMBEDDED_DIRNAME)))
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
 def list_stages(run_dir: str | Path) -> dict[int, Path]:
@@ -143,6 +139,10 @@ def load_reward(
     stage 0)``, differentiable with respect to ``x``. ``x`` may be float16, bfloat16, float32 or
     float64 (cast to the model's dtype; ``torch.from_numpy`` gives float64); integer images are
     refused with a ValueError saying to divide by 255.
+
+    The model is a :class:`finpercep.types.Reward` with the metadata ``create_reward("finpercep")``
+    has: ``name`` ``"finpercep"`` (``"finpercep:K"`` for ``stage=K``), no reference, differentiable,
+    range ``(-inf, inf)``, ``has_map`` from stage 1 on; ``model(sr, lr=None, hr=None)`` works.
     """
     dev = _device(device)
     folder = resolve_checkpoint(checkpoint, stage)
@@ -152,6 +152,7 @@ def load_reward(
             f"{folder} is a single stage-{model.stage} checkpoint, but stage {stage} was asked for "
             "(pass the training run folder to pick among stages)"
         )
+    model.name = "finpercep" if stage is None else f"finpercep:{stage}"  # the spec create_reward takes
     model.eval().requires_grad_(False)
     log.info("loaded FinPercep-RM stage %d from %s on %s", model.stage, folder, dev)
     return model

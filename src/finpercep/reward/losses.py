@@ -1,4 +1,4 @@
-"""Training losses of FinPercep-RM (Liu et al., arXiv 2512.22647; PAPER.md section 3):
+"""Training losses of FinPercep-RM (Liu et al., arXiv 2512.22647, the reward model's losses):
 
     L_map   = | M(I_syn) - M_gt |_1
     L_rank  = max(0, m1 - (S(I_syn) - S(I_SR))) + max(0, m2 - (S(I_GT) - S(I_syn)))
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from finpercep.reward.model import RewardOutput
+from finpercep.types import RewardOutput
 
 
 def _check_scores(who: str, **scores: torch.Tensor) -> None:
@@ -29,7 +29,7 @@ def _check_scores(who: str, **scores: torch.Tensor) -> None:
 
 
 def map_loss(pred_map: torch.Tensor, gt_map: torch.Tensor, balance_threshold: float | None = None) -> torch.Tensor:
-    """``L_map = |M(I_syn) - M_gt|_1`` (PAPER.md section 3), the mean absolute difference.
+    """``L_map = |M(I_syn) - M_gt|_1`` (arXiv 2512.22647), the mean absolute difference.
 
     ``pred_map`` and ``gt_map``: ``(B, 1, H, W)`` in [0, 1] (a ``(B, H, W)`` ground truth is
     accepted and given its channel axis). Returns a float32 scalar in [0, 1].
@@ -63,7 +63,7 @@ def map_loss(pred_map: torch.Tensor, gt_map: torch.Tensor, balance_threshold: fl
 
 def rank_loss(s_gt: torch.Tensor, s_syn: torch.Tensor, s_sr: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
     """Triplet hinge ``L_rank = max(0, m1 - (S_syn - S_SR)) + max(0, m2 - (S_GT - S_syn))``
-    (PAPER.md section 3): zero once ``S_SR + m1 <= S_syn <= S_GT - m2``.
+    (arXiv 2512.22647): zero once ``S_SR + m1 <= S_syn <= S_GT - m2``.
 
     Scores ``(B,)`` each (higher = better); returns the batch mean, a float32 scalar >= 0.
     """
@@ -75,7 +75,7 @@ def rank_loss(s_gt: torch.Tensor, s_syn: torch.Tensor, s_sr: torch.Tensor, m1: f
 
 
 def align_loss(s_gt: torch.Tensor, s_base_gt: torch.Tensor) -> torch.Tensor:
-    """``L_align = |S(I_GT) - S_base(I_GT)|`` (PAPER.md section 3), the batch mean.
+    """``L_align = |S(I_GT) - S_base(I_GT)|`` (arXiv 2512.22647), the batch mean.
 
     ``s_base_gt`` ``(B,)`` is the frozen stage-0 model's score of the same clean images; it is
     detached here (a target, never trained through). Ties every stage to RM_0's score scale.
@@ -111,7 +111,7 @@ class RMLossConfig:
     m2: float = 1.0
     """Margin of ``S_GT - S_syn``. Equal to ``m1``: a local swap must cost as much score as the
     step from a local swap to a fully SR image, which is the fine-grained sensitivity we want
-    (PAPER.md section 1: global IQA barely notices local defects)."""
+    (arXiv 2512.22647: a global IQA score barely notices local defects)."""
 
     def __post_init__(self) -> None:
         for name in ("l_map", "l_rank", "l_align", "m1", "m2"):
@@ -127,7 +127,7 @@ def total_loss(
     base_score_gt: torch.Tensor | None,
     cfg: RMLossConfig = RMLossConfig(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L = l_map L_map + l_rank L_rank + l_align L_align`` (PAPER.md section 3) for a batch of
+    """``L = l_map L_map + l_rank L_rank + l_align L_align`` (arXiv 2512.22647) for a batch of
     triplets ``(I_GT, I_syn, I_SR)``.
 
     The map term is used when ``out_syn.map`` is not None (stages >= 1; at stage 0 it is left out,

@@ -1,5 +1,5 @@
-"""FinPercep-RM: the fine-grained perceptual reward model (Liu et al., arXiv 2512.22647; PAPER.md
-sections 1 and 4).
+"""FinPercep-RM: the fine-grained perceptual reward model (Liu et al., arXiv 2512.22647: the
+encoder-decoder with the map-modulated score, and its staged growth RM_0 .. RM_N).
 
 A no-reference model: for an image ``x`` ``(B, 3, H, W)`` in [0, 1] it returns
 
@@ -18,7 +18,7 @@ over the *active* levels: ``d = Fuse_l(Lateral_l(f_l) + up(d))`` with a 1x1 late
 ``decoder_channels``, bilinear upsampling of the coarser result and a depthwise-separable 3x3
 fusion block (depthwise 3x3 -> pointwise 1x1 -> ReLU, cheap at stride 4), then a 1x1 head conv to
 one logit channel at the finest active stride, bilinearly upsampled to the input size, then the
-sigmoid. Progressive growth (PAPER.md section 4, "RM_0 .. RM_N"): ``decoder_stage = k`` activates
+sigmoid. Progressive growth (arXiv 2512.22647, the reward-model curriculum "RM_0 .. RM_N"): ``decoder_stage = k`` activates
 the ``k`` coarsest levels; stage 0 (RM_0) has no decoder and no map, stage 1 only the deepest
 level, the last stage all of them. :meth:`FinPercepRM.grow` adds one finer level: its lateral conv
 is zero-initialised and its fusion block initialised to the identity, so the grown model's map
@@ -67,7 +67,7 @@ gives the same score and map as a whole-image pass, with bounded memory.
 from __future__ import annotations
 
 import copy
-import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -80,6 +80,9 @@ from finpercep.backbones.efficientnet_lite import STAGES as LITE0_STAGES
 from finpercep.backbones.efficientnet_lite import efficientnet_lite0, stage_receptive_field
 from finpercep.checks import check_image_batch
 from finpercep.config import check_between, from_dict, to_dict
+from finpercep.io import CONFIG_NAME
+from finpercep.io import load_pretrained as load_folder
+from finpercep.io import save_pretrained as save_folder
 from finpercep.types import RewardOutput  # re-exported: the reward model returns the shared type
 
 # ---------------------------------------------------------------------------------------------
@@ -333,11 +336,19 @@ class FinPercepRM(nn.Module):
     ``load_backbone_weights=False`` builds a randomly initialised encoder (used when the weights
     come from a checkpoint anyway, see :func:`load_pretrained`). A new model is in eval mode;
     call ``.train()`` to train it.
+
+    It is a :class:`finpercep.types.Reward` as it stands, with the metadata of
+    ``create_reward("finpercep")``: ``name`` (``"finpercep"``; :func:`finpercep.reward.api.load_reward`
+    sets ``"finpercep:K"`` when asked for stage ``K``), no reference, differentiable, ``range``
+    ``(-inf, inf)``, ``has_map`` from stage 1 on; ``model(sr, lr=None, hr=None)`` ignores ``lr``
+    and ``hr``, and ``to(device)`` returns the model.
     """
 
     higher_is_better = True
     needs_reference = False
     differentiable = True
+    range = (-math.inf, math.inf)
+    name = "finpercep"
 
     def __init__(self, cfg: RMConfig | None = None, load_backbone_weights: bool = True) -> None:
         super().__init__()
@@ -379,6 +390,11 @@ class FinPercepRM(nn.Module):
     @property
     def stage(self) -> int:
         return self.cfg.decoder_stage
+
+    @property
+    def has_map(self) -> bool:
+        """True from stage 1 on (RM_0 has no decoder, hence no map)."""
+        return self.stage > 0
 
     # -- the pieces, shared by forward and score_image_tiled -----------------------------------
 
@@ -425,8 +441,9 @@ class FinPercepRM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> RewardOutput:
-        """Score and map of ``x`` ``(B, 3, H, W)`` in [0, 1]; differentiable w.r.t. ``x``."""
+    def forward(self, x: torch.Tensor, lr: torch.Tensor | None = None, hr: torch.Tensor | None = None) -> RewardOutput:
+        """Score and map of ``x`` ``(B, 3, H, W)`` in [0, 1]; differentiable w.r.t. ``x``. ``lr`` and
+        ``hr`` are ignored (a no-reference reward, :class:`finpercep.types.Reward`)."""
         x = _check_image_batch(x, "FinPercepRM", self)
         h, w = x.shape[-2:]
         s = self.cfg.stride
@@ -610,34 +627,20 @@ def score_image_tiled(model: FinPercepRM, x: torch.Tensor, tile: int = 512, cont
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: a folder with config.json + model.safetensors
+# Checkpoints: a folder with config.json + model.safetensors (the format lives in finpercep.io)
 
 MODEL_TYPE = "finpercep-rm"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+"""The ``model_type`` of a FinPercep-RM ``config.json``."""
 
 
 def save_pretrained(model: FinPercepRM, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``folder/model.safetensors`` then ``folder/config.json``, each atomically (temporary
-    name + rename). The config is also stored in the safetensors metadata, so a pair left
-    inconsistent by an interrupted overwrite is detected at load time. Returns ``folder``."""
-    from safetensors.torch import save
-
-    from finpercep.io import atomic_write_bytes, save_json
-
+    """Write ``model`` as a checkpoint folder (:func:`finpercep.io.save_pretrained`: ``config.json``
+    ``{"model_type": "finpercep-rm", "format_version": 1, "config": RMConfig}`` + ``model.safetensors``,
+    complete or not at all). ``dtype`` casts the floating tensors (float16 for the shipped
+    checkpoint). Returns ``folder``; ValueError when ``model`` is not a FinPercepRM."""
     if not isinstance(model, FinPercepRM):
         raise ValueError(f"save_pretrained expects a FinPercepRM, got {type(model).__name__}")
-    folder = Path(folder)
-    meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": to_dict(model.cfg)}
-    # ``dtype`` (e.g. float16 for a checkpoint shipped in the package) casts the floating tensors;
-    # loading casts them back to the model's dtype.
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().to("cpu").contiguous()
-               for k, v in model.state_dict().items()}
-    blob = save(tensors, metadata={"finpercep_config": json.dumps(meta, sort_keys=True)})
-    atomic_write_bytes(folder / WEIGHTS_NAME, blob)
-    save_json(folder / CONFIG_NAME, meta)
-    return folder
+    return save_folder(model, folder, {"model_type": MODEL_TYPE, "config": to_dict(model.cfg)}, dtype=dtype)
 
 
 def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> FinPercepRM:
@@ -646,57 +649,21 @@ def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
     Returns the model in eval mode on ``map_location``.
 
     Raises FileNotFoundError for a missing file, and ValueError in one line for a config that is
-    not valid JSON, has wrong types or sizes out of bounds (checked before the model is
-    allocated), a weights file that is truncated, damaged or not safetensors (a pickle is never
-    unpickled), or weights that do not match the config."""
-    folder = Path(folder)
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"not a FinPercep-RM checkpoint: {p} is missing (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
-            )
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    not valid JSON, not a FinPercep-RM's, or has wrong types or sizes out of bounds (checked before
+    the model is allocated), a weights file that is truncated, damaged or not safetensors (a pickle
+    is never unpickled), or weights that do not match the config (:func:`finpercep.io.load_pretrained`)."""
+    cfg_path = Path(folder) / CONFIG_NAME
+    model, _ = load_folder(folder, lambda meta: FinPercepRM(_config_of(meta, cfg_path), load_backbone_weights=False),
+                           what="FinPercep-RM")
+    return model.to(map_location).eval()
+
+
+def _config_of(meta: object, cfg_path: Path) -> RMConfig:
+    """The :class:`RMConfig` of a parsed ``config.json``; ValueError (one line) for another kind of
+    checkpoint or unknown keys."""
     if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{cfg_path}: not a FinPercep-RM config (model_type must be {MODEL_TYPE!r})")
     unknown = sorted(set(meta) - {"model_type", "format_version", "config"})
     if unknown:
         raise ValueError(f"{cfg_path}: unknown keys {unknown}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version")
-        raise ValueError(f"{cfg_path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
-    cfg = from_dict(RMConfig, meta.get("config", {}), where=f"{cfg_path}: config")
-    stored, state = _read_safetensors(w_path, str(map_location))
-    if "finpercep_config" in stored and _json_or_none(stored["finpercep_config"]) != meta:
-        raise ValueError(
-            f"{folder}: {CONFIG_NAME} does not match the config stored in {WEIGHTS_NAME} (interrupted save?)"
-        )
-    model = FinPercepRM(cfg, load_backbone_weights=False)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{w_path}: weights do not match {CONFIG_NAME}: {e}") from None
-    return model.to(map_location).eval()
-
-
-def _read_safetensors(path: Path, device: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of the safetensors file ``path``, on ``device``. Raises ValueError
-    in one line for a file that is truncated, damaged or of another format (never unpickled)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a complete safetensors file ({e}); the checkpoint is damaged or was "
-                         "not written by finpercep: save or copy it again") from None
-
-
-def _json_or_none(text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
+    return from_dict(RMConfig, meta.get("config", {}), where=f"{cfg_path}: config")

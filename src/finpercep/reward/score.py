@@ -1,4 +1,4 @@
-"""The engine behind ``finpercep score`` (issue 3, section 3): score image files with a FinPercep-RM,
+"""The engine behind ``finpercep score``: score image files with a FinPercep-RM,
 print one line per image, optionally write each map (``.npy``) and a heatmap overlay (``.png``).
 
 No argument parsing here: the CLI builds the model with :func:`finpercep.reward.api.load_reward`
@@ -16,9 +16,8 @@ and calls :func:`run_score`. Output contract:
 - a map or overlay that cannot be written (disk full, read-only folder) stops the run with
   :class:`finpercep.io.WriteError`: the later files would fail the same way.
 
-Output names: ``<name>`` is the file's stem; when two inputs share a stem (``a/x.png``, ``b/x.jpg``)
-the later ones in input order get ``x-1``, ``x-2``, ... (compared case-insensitively, so names
-stay distinct on case-insensitive file systems). Names are assigned over all inputs before
+Output names: ``<name>`` is the file's stem, made distinct by :func:`finpercep.io.output_names`
+(``x``, ``x-1``, ``x-2``, ... for inputs that share a stem), assigned over all inputs before
 scoring, so they do not depend on which files fail.
 """
 
@@ -34,7 +33,16 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from finpercep.io import IMAGE_SUFFIXES, ImageReadError, WriteError, list_images, read_image, save_npy, save_png, to_tensor
+from finpercep.io import (
+    ImageReadError,
+    WriteError,
+    expand_inputs,
+    output_names,
+    read_image,
+    save_npy,
+    save_png,
+    to_tensor,
+)
 from finpercep.reward.api import ImageScore, score_images
 from finpercep.reward.model import FinPercepRM
 
@@ -44,39 +52,6 @@ TILE = 512
 """Images above ``TILE * TILE`` pixels are scored in ``TILE x TILE`` tiles (exact, bounded memory;
 :func:`finpercep.reward.api.score_images`). 512 px keeps a tile's activations around 100 MB on
 EfficientNet-Lite0 while the per-tile overhead (the context crop) stays small."""
-
-
-def expand_inputs(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
-    """Files to score, in input order (folders expanded to their image files, recursively and
-    sorted), and one error message per input that gives nothing to score."""
-    files: list[Path] = []
-    errors: list[str] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                errors.append(f"{p}: folder holds no image files (looked for {', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
-        elif p.exists():
-            files.append(p)  # any file, whatever its suffix: read_image decides what it is
-        else:
-            errors.append(f"{p}: no such file or folder")
-    return files, errors
-
-
-def output_names(files: list[Path]) -> list[str]:
-    """A distinct output name per file: its stem, with ``-1``, ``-2``, ... for repeats (module docstring)."""
-    used: set[str] = set()
-    names = []
-    for f in files:
-        name, k = f.stem, 0
-        while name.casefold() in used:
-            k += 1
-            name = f"{f.stem}-{k}"
-        used.add(name.casefold())
-        names.append(name)
-    return names
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -194,7 +169,7 @@ def _write_outputs(img: torch.Tensor, res: ImageScore, name: str, maps_dir: Path
         save_npy(p, heat.numpy().astype(np.float32, copy=False))
         map_path = str(p)
     if overlay_dir is not None:
-        from finpercep.data.sheet import heatmap_overlay
+        from finpercep.viz import heatmap_overlay
 
         save_png(Path(overlay_dir) / f"{name}.png", heatmap_overlay(img, heat))
     return map_path

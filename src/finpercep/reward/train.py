@@ -1,4 +1,5 @@
-"""Progressive training of FinPercep-RM: RM_0 .. RM_N (PAPER.md sections 3 and 4).
+"""Progressive training of FinPercep-RM: RM_0 .. RM_N (arXiv 2512.22647: the reward model's losses and
+its curriculum of growing stages).
 
 Read top to bottom, the loop is:
 
@@ -6,6 +7,9 @@ Read top to bottom, the loop is:
     for k in 1..N:  RM_k = RM_{k-1}.grow()           one more (finer) decoder level
                     train with L = l_map L_map + l_rank L_rank + l_align |S(HR) - S_RM0(HR)|
     every RM_k is saved as RUN/stage_k/ (config.json + model.safetensors)
+
+One optimiser step is :func:`rm_train_step`, which co-evolution's refreshes reuse; the run folder's
+bookkeeping (``train_config.json``, ``metrics.jsonl``, ``ckpt/``) is :mod:`finpercep.runs`.
 
 Design notes:
 
@@ -29,33 +33,33 @@ Design notes:
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from finpercep.config import check_at_least, check_positive, from_dict, load_yaml, to_dict
+from finpercep.config import check_at_least, check_positive, to_dict
 from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
-from finpercep.io import (
-    CKPT_DIR,
-    append_jsonl,
-    atomic_write_bytes,
-    filter_jsonl,
-    latest_checkpoint,
-    mark_latest_checkpoint,
-    read_latest_checkpoint,
-    save_json,
-)
+from finpercep.io import CKPT_DIR, save_json
 from finpercep.reward.losses import RMLossConfig, total_loss
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
-from finpercep.types import NonFiniteError
+from finpercep.runs import (
+    TRAIN_CONFIG,
+    append_metrics,
+    check_config,
+    last_checkpoint_note,
+    load_trainer_state,
+    progress_bar,
+    read_metrics,
+    save_trainer_state,
+    truncate_metrics,
+)
+from finpercep.types import NonFiniteError, RewardOutput, Triplet
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +71,16 @@ class RMTrainConfig:
     model: RMConfig = field(default_factory=lambda: RMConfig(decoder_stage=0))
     """Architecture. ``decoder_stage`` is ignored: training starts at 0 and grows to ``stages``."""
     loss: RMLossConfig = field(default_factory=RMLossConfig)
-    """Loss weights and ranking margins (PAPER.md section 3)."""
+    """Loss weights and ranking margins (the losses of arXiv 2512.22647)."""
     stages: int | None = None
     """N, the last stage; ``None`` = ``len(model.levels)`` (all decoder levels)."""
     steps_per_stage: tuple[int, ...] = (300,)
     """Optimiser steps per stage; one number for all stages, or one per stage 0..N."""
     batch_size: int = 8
     """Triplets per step per process (each triplet is 3 images through the model)."""
-    lr: float = 1e-3
-    """Learning rate of the decoder and score head (AdamW)."""
+    learning_rate: float = 1e-3
+    """Learning rate of the decoder and score head (AdamW). Runs whose ``train_config.json`` still
+    says ``lr`` resume (:func:`finpercep.runs.check_config`)."""
     backbone_lr: float = 1e-4
     """Learning rate of the pretrained encoder."""
     grown_backbone_lr: float | None = None
@@ -120,7 +125,7 @@ class RMTrainConfig:
                        ckpt_every=self.ckpt_every)
         check_at_least("RMTrainConfig", 0, backbone_lr=self.backbone_lr, weight_decay=self.weight_decay,
                        warmup_steps=self.warmup_steps, val_max=self.val_max, seed=self.seed)
-        check_positive("RMTrainConfig", lr=self.lr)
+        check_positive("RMTrainConfig", learning_rate=self.learning_rate)
         if self.grown_backbone_lr is not None:
             check_at_least("RMTrainConfig", 0, grown_backbone_lr=self.grown_backbone_lr)
         if self.crop is not None and self.crop < 32:
@@ -136,55 +141,36 @@ class RMTrainConfig:
         return self.steps_per_stage[0] if len(self.steps_per_stage) == 1 else self.steps_per_stage[stage]
 
 
-def load_train_config(path: str | Path | None, **overrides: Any) -> RMTrainConfig:
-    """An :class:`RMTrainConfig` from a YAML file (``yaml.safe_load``), then ``overrides`` (``None``
-    values ignored). Raises FileNotFoundError for a missing file and ValueError (one line) for a
-    YAML syntax error, an unknown key, a value of the wrong type or out of range."""
-    data = load_yaml(path) if path is not None else {}
-    cfg = from_dict(RMTrainConfig, data, where=f"{path}:" if path is not None else "RMTrainConfig")
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
 
 
 class Triplets:
-    """The training / validation triplets of an FGR data set, read on demand through :class:`FGRDataset`."""
+    """The training / validation triplets of an FGR data set: its :class:`FGRDataset` (the reader)
+    and the map target, the data set's ``map_syn`` or, for the pixel-only ablation, one recomputed
+    from pixel differences on each whole sample."""
 
     def __init__(self, root: Path, records: list[dict], pixel_only: bool) -> None:
-        from finpercep.data.dataset import FGRDataset
+        from finpercep.data.dataset import TRIPLET_KEYS, FGRDataset
         from finpercep.data.gt_maps import GTMapConfig, GTMapper
 
-        keys = ("hr", "syn", "sr", "mask") + (() if pixel_only else ("map_syn",))
+        keys = tuple(k for k in TRIPLET_KEYS if not (pixel_only and k == "map_syn"))
         self.dataset = FGRDataset(root, keys=keys, records=records)
         self.pixel_mapper = GTMapper(GTMapConfig(pixel_only=True)) if pixel_only else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def load(self, idx: list[int], crop: int | None, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Stack samples ``idx``: ``hr, syn, sr (B, 3, h, w)``, ``map_syn, mask (B, 1, h, w)``."""
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("hr", "syn", "sr", "map_syn", "mask")}
-        for i in idx:
-            item = self.dataset[i]
-            item.pop("meta")
-            if self.pixel_mapper is not None:
-                item["map_syn"] = self.pixel_mapper(item["hr"][None], item["syn"][None])[0]
-            if crop is not None:
-                h, w = item["hr"].shape[-2:]
-                c = min(crop, h, w)
-                y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))
-                item = {k: v[..., y : y + c, x : x + c] for k, v in item.items()}
-            for k, v in item.items():
-                out[k].append(v)
-        return {k: torch.stack(v) for k, v in out.items()}
+    def load(self, idx: list[int], crop: int | None, rng: np.random.Generator) -> Triplet:
+        """Samples ``idx`` as one :class:`Triplet` with ``mask``, in random ``crop`` windows drawn
+        from ``rng`` (:meth:`FGRDataset.load_triplets`)."""
+        return self.dataset.load_triplets(idx, crop, rng, map_syn=self.pixel_mapper)
 
 
 def split_records(data: Path, val_data: Path | None, cfg: RMTrainConfig) -> tuple[list[dict], list[dict], Path]:
     """Training and validation records. Held-out families are removed from training only."""
-    from finpercep.data.builder import read_manifest
+    from finpercep.data.dataset import read_manifest
 
     records = read_manifest(data)
     if not records:
@@ -215,20 +201,11 @@ def split_records(data: Path, val_data: Path | None, cfg: RMTrainConfig) -> tupl
 
 
 def save_checkpoint(run: Path, model: FinPercepRM, opt: torch.optim.Optimizer, stage: int, step: int) -> Path:
-    """``RUN/ckpt/s{stage}-{step}/`` + ``LATEST``; older checkpoints are removed afterwards."""
-    import io
-
-    root = Path(run) / CKPT_DIR
-    folder = root / f"s{stage}-{step:07d}"
+    """``RUN/ckpt/s{stage}-{step}/`` (model + ``trainer.pt``) + ``LATEST``; older checkpoints are
+    removed afterwards (:func:`finpercep.runs.save_trainer_state`)."""
+    folder = Path(run) / CKPT_DIR / f"s{stage}-{step:07d}"
     save_pretrained(model, folder)
-    buf = io.BytesIO()
-    torch.save({"stage": stage, "step": step, "optimizer": opt.state_dict()}, buf)
-    atomic_write_bytes(folder / "trainer.pt", buf.getvalue())
-    mark_latest_checkpoint(run, folder)
-    for old in root.iterdir():
-        if old.is_dir() and old.name != folder.name:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return save_trainer_state(run, folder, {"stage": stage, "step": step, "optimizer": opt.state_dict()})
 
 
 def stage_dir(run: Path, k: int) -> Path:
@@ -247,7 +224,7 @@ def stage_done(run: Path, k: int) -> bool:
 @torch.no_grad()
 def validate(model: FinPercepRM, val: Triplets, device: torch.device, batch: int = 8) -> dict[str, float]:
     """Map quality (vs. ``M_gt`` and the swap mask) and triplet ordering on whole samples."""
-    from finpercep.eval.metrics import average_precision, map_mae, order_accuracy, pixel_auroc
+    from finpercep.metrics import average_precision, map_mae, order_accuracy, pixel_auroc
 
     model.eval()
     s = {"hr": [], "syn": [], "sr": []}
@@ -255,12 +232,12 @@ def validate(model: FinPercepRM, val: Triplets, device: torch.device, batch: int
     for i in range(0, len(val), batch):
         b = val.load(list(range(i, min(i + batch, len(val)))), None, np.random.default_rng(0))
         for k in s:
-            out = model(b[k].to(device))
+            out = model(getattr(b, k).to(device))
             s[k].append(out.score.float().cpu())
             if k == "syn" and out.map is not None:
                 maps.append(out.map.float().cpu())
-                gts.append(b["map_syn"])
-                masks.append(b["mask"])
+                gts.append(b.map_syn)
+                masks.append(b.mask)
     res = {"val/order_acc": order_accuracy(*(torch.cat(s[k]) for k in ("hr", "syn", "sr"))),
            "val/score_hr": float(torch.cat(s["hr"]).mean()), "val/score_syn": float(torch.cat(s["syn"]).mean()),
            "val/score_sr": float(torch.cat(s["sr"]).mean()), "val/samples": len(val)}
@@ -282,46 +259,62 @@ def _optimizer(model: FinPercepRM, cfg: RMTrainConfig, stage: int) -> torch.opti
     model.backbone.requires_grad_(enc_lr > 0)
     enc = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    groups = [{"params": rest, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate}]
     if enc:
         groups.append({"params": enc, "lr": enc_lr, "base_lr": enc_lr})
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-def _append_metrics(run: Path, rec: dict) -> None:
-    append_jsonl(run / "metrics.jsonl", rec)
+def rm_train_step(
+    model: torch.nn.Module,
+    batch: Triplet,
+    loss_cfg: RMLossConfig,
+    opt: torch.optim.Optimizer,
+    *,
+    base: torch.nn.Module | None = None,
+    max_grad_norm: float = 5.0,
+    amp: torch.dtype | None = None,
+    ddp: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """One optimiser step of FinPercep-RM on ``B`` triplets (arXiv 2512.22647, Sec. 3): HR, syn and
+    SR through the model in one pass, ``L = l_rank L_rank + l_map L_map + l_align |S(HR) -
+    S_RM0(HR)|`` (:func:`finpercep.reward.losses.total_loss`), backward, gradient-norm clip, step.
+    Used by :func:`train_reward_model` and by co-evolution's refreshes
+    (:meth:`finpercep.curriculum.coevolve.Coevolver.refresh`).
 
+    Args:
+        model: the reward model (train mode; its trainable parameters are the optimiser's).
+        batch: images ``(B, 3, H, W)`` in [0, 1] and ``map_syn`` ``(B, 1, H, W)``, on the model's device.
+        loss_cfg: loss weights and ranking margins.
+        opt: the optimiser; its learning rates are the caller's (warm-up).
+        base: the frozen ``RM_0`` whose HR scores anchor the alignment term; ``None`` = no term.
+        max_grad_norm: clip the gradient norm to this.
+        amp: autocast dtype (``torch.bfloat16`` / ``torch.float16``); ``None`` = float32.
+        ddp: ``model`` wrapped in ``DistributedDataParallel`` (multi-process training), used for
+            the forward pass so gradients are averaged over processes.
 
-def _truncate_metrics(run: Path, stage: int, step: int) -> None:
-    """Before training ``stage`` from ``step`` (0: from scratch), drop its metric lines logged after
-    that step (they will be logged again); earlier, finished stages keep theirs. Torn lines go too."""
-    filter_jsonl(run / "metrics.jsonl",
-                 lambda r: (r.get("stage", 0), r.get("step", 0)) <= (stage, step) or r.get("stage", 0) < stage)
-
-
-def _check_finite(run: Path, stage: int, step: int, loss: torch.Tensor, logs: dict[str, float]) -> None:
-    """Raise :class:`NonFiniteError` naming the stage, the step (1-based), the non-finite loss terms
-    and the last good checkpoint when ``loss`` is NaN or infinite (e.g. a NaN ground-truth map)."""
-    if bool(torch.isfinite(loss)):
-        return
-    bad = [k for k, v in logs.items() if k.startswith("loss/") and not np.isfinite(v)] or ["loss/total"]
-    last = latest_checkpoint(run)
-    where = f"last good checkpoint: {last[0]}" if last else "no checkpoint was written yet"
-    raise NonFiniteError(f"stage {stage} step {step}: non-finite {', '.join(bad)}; the run stops here ({where}; "
-                         "nothing was overwritten); check the data set (`finpercep data check`) or lower the learning rate")
-
-
-def _check_run_config(run: Path, cfg: RMTrainConfig, data: Path) -> None:
-    path = run / "train_config.json"
-    new = {"config": to_dict(cfg), "data": str(data)}
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("config") != new["config"]:
-            diff = sorted(k for k in new["config"] if old.get("config", {}).get(k) != new["config"][k])
-            raise ValueError(f"{run} was started with other settings ({', '.join(diff)} differ); "
-                             "resume with the same arguments or choose a new --out")
-    else:
-        save_json(path, new)
+    Returns the loss terms as floats (``loss/total``, ``loss/rank``, ``loss/map``, ``loss/align``,
+    ``rank/ordered``, ``score/*``) and ``grad_norm``, the gradient norm before clipping.
+    Raises :class:`NonFiniteError` (``non-finite loss/map``, naming the non-finite terms) before
+    any gradient is taken, so the model and the optimiser are left as they were.
+    """
+    n = len(batch)
+    with torch.autocast(batch.hr.device.type, dtype=amp, enabled=amp is not None):
+        out = (ddp or model)(torch.cat([batch.hr, batch.syn, batch.sr]))  # (3B, ...): HR, syn, SR
+        outs = [_slice(out, i * n, (i + 1) * n) for i in range(3)]
+        base_gt = None
+        if base is not None:
+            with torch.no_grad():
+                base_gt = base(batch.hr).score.float()  # RM_0's scale, the alignment target
+        loss, logs = total_loss(outs[0], outs[1], outs[2], batch.map_syn, base_gt, loss_cfg)
+    if not bool(torch.isfinite(loss)):
+        bad = [k for k, v in logs.items() if k.startswith("loss/") and not np.isfinite(v)] or ["loss/total"]
+        raise NonFiniteError(f"non-finite {', '.join(bad)}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    return {**logs, "grad_norm": float(grad_norm)}
 
 
 def train_reward_model(
@@ -347,13 +340,13 @@ def train_reward_model(
     data, run = Path(data), Path(run)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        _check_run_config(run, cfg, data)
+        check_config(run, TRAIN_CONFIG, {"config": to_dict(cfg), "data": str(data)}, compare="config")
     barrier()
     train_recs, val_recs, val_root = split_records(data, Path(val_data) if val_data else None, cfg)
     pixel_only = cfg.gt_map == "pixel_only"
     train_set = Triplets(data, train_recs, pixel_only)
     val_set = Triplets(val_root, val_recs, pixel_only)
-    resume = read_latest_checkpoint(run, keys=("stage", "step", "optimizer"))
+    resume = load_trainer_state(run, keys=("stage", "step", "optimizer"))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     steps_done = 0
     base: FinPercepRM | None = None
@@ -382,50 +375,34 @@ def train_reward_model(
             start = int(state["step"])
             log.info("resuming stage %d at step %d from %s", k, start, folder)
         if rank == 0:
-            _truncate_metrics(run, k, start)
-        net = DDP(model) if dist.is_initialized() else model
+            truncate_metrics(run, (k, start), keys=("stage", "step"))
+        ddp = DDP(model) if dist.is_initialized() else None
         n_steps = cfg.steps(k)
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_steps, initial=start, desc=f"RM_{k}", unit="step")
+        bar = progress_bar(n_steps, f"RM_{k}", initial=start, enabled=progress and rank == 0)
         model.train()
         t_last = time.perf_counter()
         for step in range(start, n_steps):
             # The global batch of this step, then this process's slice of it.
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, k, step]))
             idx = rng.integers(len(train_set), size=cfg.batch_size * world).tolist()
-            batch = train_set.load(idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size], cfg.crop, rng)
-            b = {key: v.to(dev) for key, v in batch.items()}
+            b = train_set.load(idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size], cfg.crop, rng).to(dev)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                n = b["hr"].shape[0]
-                out = net(torch.cat([b["hr"], b["syn"], b["sr"]]))
-                outs = [_slice(out, i * n, (i + 1) * n) for i in range(3)]
-                base_gt = None
-                if base is not None:
-                    with torch.no_grad():
-                        base_gt = base(b["hr"]).score.float()
-                loss, logs = total_loss(outs[0], outs[1], outs[2], b["map_syn"], base_gt, cfg.loss)
-            _check_finite(run, k, step + 1, loss, logs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            try:
+                logs = rm_train_step(model, b, cfg.loss, opt, base=base, max_grad_norm=5.0, amp=amp, ddp=ddp)
+            except NonFiniteError as e:  # e.g. a NaN ground-truth map
+                raise NonFiniteError(f"stage {k} step {step + 1}: {e}; the run stops here ({last_checkpoint_note(run)}; "
+                                     "nothing was overwritten); check the data set (`finpercep data check`) or lower "
+                                     "the learning rate") from None
             steps_done += 1
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.advance(loss=f"{logs['loss/total']:.3f}")
             if world > 1:  # log the global batch, not rank 0's slice of it
-                vals = all_reduce_mean(torch.tensor([float(gn)] + [logs[key] for key in sorted(logs)], dtype=torch.float64))
-                gn = vals[0]
-                logs = dict(zip(sorted(logs), vals[1:].tolist()))
+                keys = sorted(logs)
+                logs = dict(zip(keys, all_reduce_mean(torch.tensor([logs[key] for key in keys], dtype=torch.float64)).tolist()))
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == n_steps):
                 now = time.perf_counter()
-                _append_metrics(run, {"stage": k, "step": step + 1, **logs, "grad_norm": float(gn),
-                                      "lr": opt.param_groups[0]["lr"], "time/step": (now - t_last) / cfg.log_every})
+                append_metrics(run, {"stage": k, "step": step + 1, **logs, "lr": opt.param_groups[0]["lr"],
+                                     "time/step": (now - t_last) / cfg.log_every})
                 t_last = now
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < n_steps:
                 if rank == 0:
@@ -434,17 +411,15 @@ def train_reward_model(
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 if rank == 0:
                     save_checkpoint(run, model, opt, k, step + 1)
-                if bar:
-                    bar.close()
+                bar.close()
                 destroy()
                 return folders
-        if bar:
-            bar.close()
+        bar.close()
         model.eval()
         if rank == 0:
             save_pretrained(model, stage_dir(run, k))
             res = validate(model, val_set, dev) if len(val_set) else {}
-            _append_metrics(run, {"stage": k, "step": n_steps, **res})
+            append_metrics(run, {"stage": k, "step": n_steps, **res})
             save_json(stage_dir(run, k) / "val.json", res)  # last: marks the stage done
             plot_metrics(run)
             log.info("stage %d done: %s", k, res)
@@ -456,24 +431,21 @@ def train_reward_model(
     return folders
 
 
-def _slice(out, a: int, b: int):
-    from finpercep.reward.model import RewardOutput
-
+def _slice(out: RewardOutput, a: int, b: int) -> RewardOutput:
+    """Rows ``a:b`` of every tensor of ``out`` (the HR / syn / SR thirds of one forward pass)."""
     return RewardOutput(score=out.score[a:b], map=None if out.map is None else out.map[a:b],
                         map_logits=None if out.map_logits is None else out.map_logits[a:b])
 
 
 def plot_metrics(run: Path) -> Path | None:
     """``RUN/loss.png``: training losses over global steps (stages shaded) and validation per stage."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
+    recs = read_metrics(run)
+    if not recs:
         return None
-    import matplotlib
+    from finpercep.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     train = [r for r in recs if "loss/total" in r]
     val = [r for r in recs if any(k.startswith("val/") for k in r)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -1,4 +1,4 @@
-"""One reward interface (issue #4 section 2): every reward is a :class:`finpercep.types.Reward`.
+"""One reward interface: every reward is a :class:`finpercep.types.Reward`.
 
 ``reward(sr, lr=None, hr=None) -> RewardOutput(score (B,), map (B, 1, H, W) | None, map_logits)``,
 ``score`` higher = better, plus metadata: ``name`` (the spec that builds it), ``needs_reference``,

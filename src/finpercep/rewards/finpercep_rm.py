@@ -1,4 +1,5 @@
-"""FinPercep-RM as a reward: ``RM_k`` at any curriculum stage ``k`` (PAPER.md sections 1 and 4).
+"""FinPercep-RM as a reward: ``RM_k`` at any curriculum stage ``k`` (arXiv 2512.22647: the model and
+its staged growth ``RM_0 .. RM_N``).
 
 ``FinPercepReward(stage)(sr)`` is the frozen model's own output: ``score (B,)`` (unbounded, higher =
 better, in the model's "margin units", see :mod:`finpercep.reward.model`) and, at stages ``k >= 1``,

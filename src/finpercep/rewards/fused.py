@@ -1,4 +1,5 @@
-"""The fused curriculum reward of co-evolutionary curriculum learning (PAPER.md section 4):
+"""The fused curriculum reward of co-evolutionary curriculum learning (arXiv 2512.22647, the
+stage-k reward of CCL):
 
     R_k(I) = l1 * S_k(I) + l2 * (1 - softmax_max(M_k(I)))
 

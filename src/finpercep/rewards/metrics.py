@@ -19,8 +19,8 @@ piqe       (-inf, 0)                   PIQE > 0, nominally at most 100 (slightly
 Full reference (``hr`` required; differentiable with respect to ``sr``):
 
 - ``l1``: ``-mean |sr - hr|`` per image, range [-1, 0] for inputs in [0, 1];
-- ``ssim``: :func:`finpercep.eval.metrics.ssim` (Wang et al. 2004) on RGB, range [-1, 1] (the
-  Y-channel SSIM of SR papers is :func:`finpercep.eval.metrics.ssim_y`, used in evaluation);
+- ``ssim``: :func:`finpercep.metrics.ssim` (Wang et al. 2004) on RGB, range [-1, 1] (the
+  Y-channel SSIM of SR papers is :func:`finpercep.metrics.ssim_y`, used in evaluation);
 - ``stlpips``: ``-ST-LPIPS`` (AlexNet, :class:`finpercep.baselines.STLPIPS`), range (-inf, 0];
   images at least 32x32.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from finpercep.eval.metrics import SSIM_SIGMA, SSIM_WINDOW, ssim  # noqa: F401 (defined there, kept importable here)
+from finpercep.metrics import SSIM_SIGMA, SSIM_WINDOW, ssim  # noqa: F401 (defined there, kept importable here)
 from finpercep.rewards.base import check_hr, check_sr
 from finpercep.types import RewardOutput
 
@@ -89,7 +89,7 @@ class NRMetricReward:
 
 
 # ---------------------------------------------------------------------------------------------
-# Full-reference fidelity terms (the metric math lives in finpercep.eval.metrics)
+# Full-reference fidelity terms (the metric math lives in finpercep.metrics)
 
 
 class L1Reward:

@@ -1,4 +1,4 @@
-"""RL fine-tuning of SR policies with a reward (PAPER.md section 5, issue #4).
+"""RL fine-tuning of SR policies with a reward (arXiv 2512.22647 uses ReFL; DPO and GRPO are ours).
 
 One file per algorithm, each a loop you read top to bottom, sharing data types and the run folder
 (:mod:`finpercep.rl.common`):
@@ -9,19 +9,19 @@ One file per algorithm, each a loop you read top to bottom, sharing data types a
 
 :data:`ALGORITHMS` maps the CLI's ``--algo`` to the loops; :class:`RLConfig` gathers the shared
 :class:`RunConfig` and each algorithm's own config (a YAML file fills it: top-level keys ``run``,
-``refl``, ``dpo``, ``grpo``, ``curriculum``; unknown keys are errors). With a curriculum
-(:mod:`finpercep.curriculum`, PAPER.md section 4) the reward is the fused reward of the reward
+``refl``, ``dpo``, ``grpo``, ``curriculum``; unknown keys are errors; read it with
+``finpercep.config.load_config(RLConfig, path, run={...})``). With a curriculum
+(:mod:`finpercep.curriculum`, the CCL of arXiv 2512.22647) the reward is the fused reward of the reward
 model's current stage, switched by a fixed schedule, automatically, or with online co-evolution.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from finpercep.config import from_dict, load_yaml
 from finpercep.curriculum.schedule import CurriculumConfig
 from finpercep.rl import dpo, grpo, refl
 from finpercep.rl.common import PairData, RunConfig, is_stochastic, run_meta
@@ -55,17 +55,6 @@ ALGORITHMS: dict[str, Callable[..., Path]] = {
     "grpo": grpo.train,
 }
 """``--algo`` name -> training loop ``train(policy, reward, data, run, run_cfg, algo_cfg, *, meta, device, progress)``."""
-
-
-def load_rl_config(path: str | Path | None = None, **run_overrides: Any) -> RLConfig:
-    """An :class:`RLConfig` from a YAML file (or the defaults), with ``run`` fields overridden
-    by keyword (``None`` values are ignored, so CLI flags left unset keep the file's values).
-    Raises FileNotFoundError for a missing file and ValueError (one line) for a YAML syntax error,
-    an unknown key, a value of the wrong type or out of range."""
-    data = load_yaml(path) if path is not None else {}
-    cfg = from_dict(RLConfig, data, where=f"{path}:" if path is not None else "RLConfig")
-    over = {k: v for k, v in run_overrides.items() if v is not None}
-    return replace(cfg, run=replace(cfg.run, **over)) if over else cfg
 
 
 def fine_tune(

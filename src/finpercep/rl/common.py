@@ -1,7 +1,8 @@
 """What the three RL loops (ReFL, DPO, GRPO) share: the run configuration, the training pairs,
-the run folder (config, metrics, samples, checkpoints, resume), the reference policy, and small
-pure helpers (dense credit, finiteness guard). Each algorithm's loop lives in its own file and
-reads top to bottom; this module holds no control flow of theirs.
+the run folder (config, metrics, samples, checkpoints, resume; the bookkeeping itself is
+:mod:`finpercep.runs`, shared with every trainer), the reference policy, the reward source, and
+small pure helpers (dense credit, finiteness guard). Each algorithm's loop lives in its own file
+and reads top to bottom; this module holds no control flow of theirs.
 
 A run folder ``RUN/`` holds
 
@@ -28,10 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,18 +40,19 @@ import torch
 from torch import nn
 
 from finpercep.config import check_at_least, check_positive, to_dict
-from finpercep.io import (
-    CKPT_DIR,
-    append_jsonl,
-    atomic_write_bytes,
-    filter_jsonl,
-    latest_checkpoint,
-    mark_latest_checkpoint,
-    read_jsonl,
-    read_latest_checkpoint,
-    save_json,
+from finpercep.io import CKPT_DIR
+from finpercep.runs import (
+    RUN_CONFIG,
+    Progress,
+    append_metrics,
+    check_config,
+    last_checkpoint_note,
+    load_trainer_state,
+    progress_bar,
+    save_trainer_state,
+    truncate_metrics,
 )
-from finpercep.types import NonFiniteError, RewardOutput, StochasticPolicy
+from finpercep.types import NonFiniteError, Reward, RewardOutput, RewardSource, StochasticPolicy
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,9 @@ class RunConfig:
     accumulated (same update, less memory)."""
     crop: int = 128
     """HR crop size in pixels (the LR crop is ``crop / scale``); 0 = whole images."""
-    lr: float = 1e-4
-    """Adam learning rate (no weight decay: a zero gradient must leave the policy unchanged)."""
+    learning_rate: float = 1e-4
+    """Adam learning rate (no weight decay: a zero gradient must leave the policy unchanged).
+    Saved runs whose ``run_config.json`` still says ``lr`` resume (:func:`finpercep.runs.check_config`)."""
     lora_rank: int = 0
     """0 = fine-tune every parameter; r >= 1 = LoRA adapters of rank r on every convolution,
     the base frozen (:mod:`finpercep.policies.lora`)."""
@@ -111,7 +111,7 @@ class RunConfig:
         check_at_least("run", 0, crop=self.crop, lora_rank=self.lora_rank, dense_credit=self.dense_credit,
                        max_grad_norm=self.max_grad_norm, seed=self.seed, sample_every=self.sample_every,
                        num_samples=self.num_samples)
-        check_positive("run", lr=self.lr, gaussian_sigma=self.gaussian_sigma)
+        check_positive("run", learning_rate=self.learning_rate, gaussian_sigma=self.gaussian_sigma)
         if self.lora_alpha is not None:
             check_positive("run", lora_alpha=self.lora_alpha)
 
@@ -131,42 +131,37 @@ def seeded_generator(*key: int, device: str | torch.device = "cpu") -> torch.Gen
 
 
 class PairData:
-    """The (LR, HR) pairs of an FGR data set (``finpercep data build``; each LR/HR pair once,
-    however many masks were drawn on it). ``batch(...)`` is a pure function of its arguments."""
+    """The (LR, HR) pairs of an FGR data set (``finpercep data build``), read by its
+    :class:`~finpercep.data.dataset.FGRDataset`: each LR/HR pair once (the first record naming its
+    LR), however many masks were drawn on it. ``batch(...)`` is a pure function of its arguments.
+
+    Raises ``FileNotFoundError`` without a manifest, ``ValueError`` for an empty data set or a
+    record without ``lr`` / ``hr``."""
 
     def __init__(self, root: str | Path) -> None:
-        from finpercep.data.builder import MANIFEST, read_manifest
+        from finpercep.data.dataset import FGRDataset
 
-        self.root = Path(root)
-        if not (self.root / MANIFEST).is_file():
-            raise FileNotFoundError(
-                f"{self.root} has no {MANIFEST}: pass a data set built by `finpercep data build`"
-            )
-        seen: dict[str, dict] = {}
-        for r in read_manifest(self.root):
-            seen.setdefault(r["lr"], r)
-        self.records = list(seen.values())
-        if not self.records:
-            raise ValueError(f"{self.root}: the data set is empty")
-        info = self.root / "dataset.json"
-        meta = json.loads(info.read_text()) if info.exists() else {}
-        self.scale = int(meta.get("config", {}).get("scale", 4))
+        self.dataset = FGRDataset(root, keys=("lr", "hr"), record_keys=())
+        first: dict[str, dict] = {}
+        for r in self.dataset.records:
+            first.setdefault(r["lr"], r)
+        self.dataset.records = list(first.values())
+        if not len(self.dataset):
+            raise ValueError(f"{self.dataset.root}: the data set is empty")
+        self.root, self.scale = self.dataset.root, self.dataset.scale
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.dataset)
 
     def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lr (3, h, w), hr (3, h*s, w*s))`` of pair ``i``, float32 in [0, 1]."""
         if i not in self._cache:
-            from finpercep.io import read_image, safe_relpath, to_tensor
-
-            r = self.records[i]
-            lr = to_tensor(read_image(safe_relpath(self.root, r["lr"]))[0])
-            hr = to_tensor(read_image(safe_relpath(self.root, r["hr"]))[0])
+            item = self.dataset[i]
+            lr, hr = item["lr"], item["hr"]
             if hr.shape[1] != lr.shape[1] * self.scale or hr.shape[2] != lr.shape[2] * self.scale:
-                raise ValueError(f"{self.root}: sample {r['id']} has LR {tuple(lr.shape)} and HR {tuple(hr.shape)}, "
-                                 f"not x{self.scale}")
+                raise ValueError(f"{self.root}: sample {item['meta']['id']} has LR {tuple(lr.shape)} and HR "
+                                 f"{tuple(hr.shape)}, not x{self.scale}")
             self._cache[i] = (lr, hr)
         return self._cache[i]
 
@@ -224,9 +219,8 @@ def check_finite(step: int, run: Path, **values: torch.Tensor | float) -> None:
     checkpoint if any value is NaN or infinite."""
     bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
     if bad:
-        last = latest_checkpoint(run)
-        where = f"last good checkpoint: {last[0]}" if last else "no checkpoint was written yet"
-        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}; the run stops here ({where}; nothing was overwritten)")
+        raise NonFiniteError(f"step {step}: non-finite {', '.join(bad)}; the run stops here "
+                             f"({last_checkpoint_note(run)}; nothing was overwritten)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,41 +247,19 @@ def make_reference(policy: nn.Module) -> Callable[[], contextlib.AbstractContext
 # The run folder
 
 
-def check_run_config(run: Path, meta: dict[str, Any]) -> None:
-    """Write ``RUN/run_config.json``, or check that a resumed run was started with the same."""
-    path = run / "run_config.json"
-    meta = json.loads(json.dumps(meta))
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != meta:
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            raise ValueError(f"{run} was started with other settings ({', '.join(diff)} differ); "
-                             "resume with the same arguments or choose a new --out")
-    else:
-        save_json(path, meta)
-
-
 def trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, step: int,
-                    extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
-    """``RUN/ckpt/step_XXXXXXX/`` (policy + trainer state), then ``LATEST``; older ones beyond
-    ``keep`` are removed only after the new one is complete."""
-    root = Path(run) / CKPT_DIR
-    folder = root / f"step_{step:07d}"
+                    extra: dict[str, Any] | None = None) -> Path:
+    """``RUN/ckpt/step_XXXXXXX/``: ``policy/`` and ``trainer.pt`` (trainable tensors, optimiser,
+    step, ``extra``), then ``LATEST``; the older checkpoint is removed only after the new one is
+    complete (:func:`finpercep.runs.save_trainer_state`)."""
+    folder = Path(run) / CKPT_DIR / f"step_{step:07d}"
     save_plain_policy(policy, folder / "policy")
-    buf = io.BytesIO()
-    torch.save({"step": step, "trainable": trainable_state(policy), "optimizer": opt.state_dict(),
-                "extra": extra or {}}, buf)
-    atomic_write_bytes(folder / "trainer.pt", buf.getvalue())
-    mark_latest_checkpoint(run, folder)
-    old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for p in old[:-keep]:
-        if p.name != folder.name:
-            shutil.rmtree(p, ignore_errors=True)
-    return folder
+    state = {"step": step, "trainable": trainable_state(policy), "optimizer": opt.state_dict(), "extra": extra or {}}
+    return save_trainer_state(run, folder, state)
 
 
 def save_plain_policy(policy: nn.Module, folder: Path) -> Path:
@@ -299,28 +271,14 @@ def save_plain_policy(policy: nn.Module, folder: Path) -> Path:
     return save_policy(unwrap(merge_lora(policy) if has_lora(policy) else policy), folder)
 
 
-def append_metrics(run: Path, rec: dict[str, Any]) -> None:
-    append_jsonl(run / "metrics.jsonl", rec)
-
-
-def truncate_metrics(run: Path, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint's step (they are logged again);
-    ``step`` 0 (no checkpoint) drops them all. Torn lines (a kill or a full disk) are dropped too."""
-    filter_jsonl(run / "metrics.jsonl", lambda r: r.get("step", 0) <= step)
-
-
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(run) / "metrics.jsonl")
-
-
 def save_samples(run: Path, step: int, lr: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor,
                  out: RewardOutput | None, n: int) -> Path:
     """``RUN/samples/step_XXXXXXX.png``: one row per image, LR (nearest-upsampled) | SR | the
     reward's map over SR (where the reward has a map) | HR."""
     import torch.nn.functional as F
 
-    from finpercep.data.sheet import heatmap_overlay
     from finpercep.io import save_png
+    from finpercep.viz import heatmap_overlay
 
     rows = []
     for i in range(min(n, sr.shape[0])):
@@ -410,7 +368,7 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
         raise ValueError(f"each process's batch ({cfg.batch // world}) must be divisible by run.grad_accum ({cfg.grad_accum})")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        check_run_config(run, meta)
+        check_config(run, RUN_CONFIG, meta)
     barrier()
     if cfg.lora_rank:
         apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, generator=seeded_generator(cfg.seed, LORA_INIT_KEY))
@@ -418,10 +376,10 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
         policy.requires_grad_(True)
     policy.to(dev).train()
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     start, extra = resume(run, policy, opt, dev)
     if rank == 0:
-        truncate_metrics(run, start)
+        truncate_metrics(run, (start,))
         if start:
             log.info("resuming %s at step %d", run, start)
     return Session(run=run, policy=policy, params=params, opt=opt, start_step=start, extra=extra,
@@ -432,7 +390,7 @@ def resume(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, device: tor
     """Load the newest checkpoint of ``run`` into ``policy``'s trainable parameters and ``opt``;
     returns ``(step, extra)``, ``(0, {})`` when there is none. Raises ValueError (one line) for a
     ``trainer.pt`` that is unreadable or was saved for another policy / LoRA rank."""
-    found = read_latest_checkpoint(run, keys=("step", "trainable", "optimizer"))
+    found = load_trainer_state(run, keys=("step", "trainable", "optimizer"))
     if found is None:
         return 0, {}
     folder, state = found
@@ -492,16 +450,12 @@ def run_meta(algo: str, policy: str, reward: str, data: str | Path, cfg: Any) ->
     return {"algo": algo, "policy": str(policy), "reward": reward, "data": str(data), "config": to_dict(cfg)}
 
 
-def progress_bar(s: Session, cfg: RunConfig, desc: str, enabled: bool) -> Any:
-    """A tqdm bar on rank 0 when ``enabled``, else None."""
-    if not enabled or s.rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=s.start_step, desc=desc, unit="step")
+def run_progress(s: Session, cfg: RunConfig, desc: str, enabled: bool) -> Progress:
+    """The loop's progress bar (:func:`finpercep.runs.progress_bar`): on rank 0 when ``enabled``."""
+    return progress_bar(cfg.steps, desc, initial=s.start_step, enabled=enabled and s.rank == 0)
 
 
-def finish(s: Session, bar: Any, stopped_at: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+def finish(s: Session, bar: Progress, stopped_at: int | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Close the bar, write ``RUN/final`` (rank 0) and leave the process group; returns ``RUN/final``.
 
     ``final/`` is written here, after the loop, from the policy as it is: the last step's weights,
@@ -511,8 +465,7 @@ def finish(s: Session, bar: Any, stopped_at: int | None = None, extra: dict[str,
     (``stop_after_steps``, for tests of resume): checkpoint it and return the checkpoint instead."""
     from finpercep.distributed import destroy
 
-    if bar is not None:
-        bar.close()
+    bar.close()
     out = s.run / "final"
     if stopped_at is not None:
         out = save_checkpoint(s.run, s.policy, s.opt, stopped_at, extra) if s.rank == 0 else s.run
@@ -527,11 +480,10 @@ def finish(s: Session, bar: Any, stopped_at: int | None = None, extra: dict[str,
 
 
 class FixedReward:
-    """A reward seen as a one-stage curriculum, so the loops treat both alike (the interface of
-    :class:`finpercep.curriculum.Curriculum`: ``reward``, ``add_rollout``, ``observe``, ``logs``,
-    ``state_dict``, ``load_state_dict``)."""
+    """A reward seen as a one-stage curriculum (a :class:`finpercep.types.RewardSource` whose
+    reward never changes), so the loops treat a reward and a curriculum alike."""
 
-    def __init__(self, reward: Any) -> None:
+    def __init__(self, reward: Reward) -> None:
         self.reward = reward
 
     def add_rollout(self, hr: torch.Tensor, sr: torch.Tensor) -> int:
@@ -550,24 +502,28 @@ class FixedReward:
         pass
 
 
-def current_reward(reward: Any) -> Any:
-    """The Reward now in use: ``reward`` itself, or a curriculum's current one."""
-    return reward.reward if hasattr(reward, "observe") else reward
+def as_reward_source(reward: Reward | RewardSource) -> RewardSource:
+    """What a loop is given, as a reward source: a curriculum (or any :class:`RewardSource`) as
+    it is, a plain :class:`Reward` wrapped in :class:`FixedReward`."""
+    return reward if isinstance(reward, RewardSource) else FixedReward(reward)
 
 
-def check_dense_credit(cfg: RunConfig, reward: Any) -> None:
-    """Dense credit needs a map: from the reward, or from a curriculum's later stages."""
-    stages = getattr(getattr(reward, "cfg", None), "stages", None)
-    has_map = current_reward(reward).has_map or (stages is not None and max(stages) > 0)
-    if cfg.dense_credit and not has_map:
-        raise ValueError(f"run.dense_credit needs a reward with a map; {current_reward(reward).name!r} has none")
+def check_dense_credit(cfg: RunConfig, src: RewardSource) -> None:
+    """Dense credit needs a map: from the reward, or from a curriculum's later stages. Raises
+    ValueError when ``run.dense_credit > 0`` and neither has one."""
+    from finpercep.curriculum import Curriculum
+
+    later_map = isinstance(src, Curriculum) and src.cfg.stages is not None and max(src.cfg.stages) > 0
+    if cfg.dense_credit and not (src.reward.has_map or later_map):
+        raise ValueError(f"run.dense_credit needs a reward with a map; {src.reward.name!r} has none")
 
 
-def attach_rewards(s: Session, reward: Any) -> Any:
-    """The loop's reward source for ``reward`` (a Reward, or a Curriculum), restored from the
-    checkpoint a resumed run started from."""
-    src = reward if hasattr(reward, "observe") else FixedReward(reward)
-    if s.world > 1 and getattr(src, "coevolver", None) is not None:
+def attach_rewards(s: Session, src: RewardSource) -> RewardSource:
+    """``src`` ready for the loop: restored from the checkpoint a resumed run started from, its
+    reward on the run's device. Raises ValueError for co-evolution under torchrun."""
+    from finpercep.curriculum import Curriculum
+
+    if s.world > 1 and isinstance(src, Curriculum) and src.coevolver is not None:
         raise ValueError("curriculum mode 'coevolve' trains the reward model in one process; run it without torchrun")
     if s.extra.get("curriculum"):
         src.load_state_dict(s.extra["curriculum"])
@@ -575,7 +531,7 @@ def attach_rewards(s: Session, reward: Any) -> Any:
     return src
 
 
-def observe_rewards(src: Any, step: int, reward_mean: float) -> dict[str, float]:
+def observe_rewards(src: RewardSource, step: int, reward_mean: float) -> dict[str, float]:
     """Tell the reward source step ``step`` is done (the mean reward over all processes, so they
     switch stages together); returns its logs (``curriculum/stage`` ...)."""
     from finpercep.distributed import all_reduce_mean

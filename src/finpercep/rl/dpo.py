@@ -31,21 +31,22 @@ from torch import nn
 
 from finpercep.config import check_positive
 from finpercep.rl.common import (
-    attach_rewards,
-    observe_rewards,
     PairData,
     RunConfig,
     StepTimer,
+    as_reward_source,
+    attach_rewards,
     check_finite,
     end_step,
     finish,
     make_reference,
+    observe_rewards,
     optimizer_step,
-    progress_bar,
+    run_progress,
     seeded_generator,
     start_run,
 )
-from finpercep.types import Reward, RewardOutput
+from finpercep.types import Reward, RewardOutput, RewardSource, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
 
 def train(
     policy: nn.Module,
-    reward: Reward | Any,
+    reward: Reward | RewardSource,
     data: PairData,
     run: str | Path,
     cfg: RunConfig,
@@ -98,12 +99,12 @@ def train(
     if cfg.dense_credit:
         raise ValueError("run.dense_credit is implemented for ReFL and GRPO, not DPO")
     s = start_run(policy, data, run, meta, cfg, device, needs_samples="DPO")
-    rewards = attach_rewards(s, reward)
+    rewards = attach_rewards(s, as_reward_source(reward))
     reference = make_reference(policy)
     G = algo.group_size
     per_rank = cfg.batch // s.world
     micro = per_rank // cfg.grad_accum
-    bar = progress_bar(s, cfg, "DPO", progress)
+    bar = run_progress(s, cfg, "DPO", progress)
     done = 0
     for step in range(s.start_step, cfg.steps):
         timer = StepTimer(s.device)
@@ -119,10 +120,10 @@ def train(
             with timer("policy_sample"), torch.no_grad():
                 traj = policy.sample(lr_g, gen)
             with timer("reward_forward"), torch.no_grad():
-                out = reward(traj.sr, lr=lr_g, hr=hr_g)
-            check_finite(step + 1, s.run, reward=out.score)
+                ro = Rollout(lr=lr_g, hr=hr_g, traj=traj, reward=reward(traj.sr, lr=lr_g, hr=hr_g), group_size=G)
+            check_finite(step + 1, s.run, reward=ro.reward.score)
             rewards.add_rollout(hr_g, traj.sr)
-            iw, il = best_and_worst(out.score, G)
+            iw, il = best_and_worst(ro.reward.score, G)
             sr_w, sr_l = traj.sr[iw], traj.sr[il]
             t = torch.rand(lr.shape[0], generator=gen, device=s.device)
             noise = torch.randn(sr_w.shape, generator=gen, device=s.device)
@@ -134,8 +135,8 @@ def train(
             check_finite(step + 1, s.run, loss=loss.detach())
             with timer("policy_backward"):
                 (loss / cfg.grad_accum).backward()
-            scores.append(out.score.float())
-            gaps.append((out.score[iw] - out.score[il]).float())
+            scores.append(ro.reward.score.float())
+            gaps.append((ro.reward.score[iw] - ro.reward.score[il]).float())
             losses.append(float(loss.detach()))
             accs.append(float(((err_w - ref_w) < (err_l - ref_l)).float().mean()))
         with timer("optimizer"):
@@ -145,14 +146,13 @@ def train(
         logs = {"reward/mean": float(sc.mean()), "reward/std": float(sc.std(unbiased=False)),
                 "reward/pair_gap": float(torch.cat(gaps).mean()), "loss": sum(losses) / len(losses),
                 "dpo/implicit_acc": sum(accs) / len(accs), "grad_norm": gn,
-                "fidelity/l1": float((traj.sr - hr_g).abs().mean()), "time/step": time.perf_counter() - t0,
+                "fidelity/l1": float((ro.traj.sr - ro.hr).abs().mean()), "time/step": time.perf_counter() - t0,
                 **timer.logs()}
         logs.update(observe_rewards(rewards, step + 1, logs["reward/mean"]))
+        out = ro.reward
         best = RewardOutput(score=out.score[iw], map=None if out.map is None else out.map[iw])
         end_step(s, cfg, step + 1, logs, samples=(lr, sr_w, hr, best), extra={"curriculum": rewards.state_dict()})
-        if bar:
-            bar.update(1)
-            bar.set_postfix(reward=f"{logs['reward/mean']:.3f}", loss=f"{logs['loss']:.3f}")
+        bar.advance(reward=f"{logs['reward/mean']:.3f}", loss=f"{logs['loss']:.3f}")
         done += 1
         if stop_after_steps is not None and done >= stop_after_steps and step + 1 < cfg.steps:
             return finish(s, bar, stopped_at=step + 1, extra={"curriculum": rewards.state_dict()})

@@ -34,24 +34,25 @@ from torch import nn
 
 from finpercep.config import check_at_least, check_between, check_positive
 from finpercep.rl.common import (
-    attach_rewards,
-    check_dense_credit,
-    observe_rewards,
     PairData,
     RunConfig,
     StepTimer,
+    as_reward_source,
+    attach_rewards,
+    check_dense_credit,
     check_finite,
     credit_weight,
     end_step,
     finish,
     group_advantages,
     make_reference,
+    observe_rewards,
     optimizer_step,
-    progress_bar,
+    run_progress,
     seeded_generator,
     start_run,
 )
-from finpercep.types import Reward
+from finpercep.types import Reward, RewardSource, Rollout
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 def train(
     policy: nn.Module,
-    reward: Reward | Any,
+    reward: Reward | RewardSource,
     data: PairData,
     run: str | Path,
     cfg: RunConfig,
@@ -110,15 +111,16 @@ def train(
 ) -> Path:
     """Fine-tune a stochastic ``policy`` (changed in place) with GRPO into ``run`` (resuming).
     Returns ``run / "final"`` (or the newest checkpoint when ``stop_after_steps`` ends early)."""
-    check_dense_credit(cfg, reward)
+    rewards = as_reward_source(reward)
+    check_dense_credit(cfg, rewards)
     s = start_run(policy, data, run, meta, cfg, device, needs_samples="GRPO")
-    rewards = attach_rewards(s, reward)
+    rewards = attach_rewards(s, rewards)
     reference = make_reference(policy) if algo.kl_beta > 0 else None
     G, K = algo.group_size, policy.num_steps
     n_k = max(1, math.ceil(algo.timestep_fraction * K))
     per_rank = cfg.batch // s.world
     micro = per_rank // cfg.grad_accum
-    bar = progress_bar(s, cfg, "GRPO", progress)
+    bar = run_progress(s, cfg, "GRPO", progress)
     done = 0
     for step in range(s.start_step, cfg.steps):
         timer = StepTimer(s.device)
@@ -126,7 +128,7 @@ def train(
         lr_all, hr_all = data.batch(cfg.seed, step, cfg.batch, cfg.crop)
         reward = rewards.reward  # a curriculum may have moved to another stage
         # 1) Rollouts: G samples per LR image, their rewards and group-normalised advantages.
-        rollouts = []
+        rollouts: list[Rollout] = []
         for m in range(cfg.grad_accum):
             a = s.rank * per_rank + m * micro
             lr = lr_all[a : a + micro].to(s.device).repeat_interleave(G, dim=0)  # (micro*G, 3, h, w)
@@ -149,49 +151,40 @@ def train(
                 if reference is not None:
                     with reference() as ref_policy:
                         ref = {k: ref_policy.step_log_prob(lr, traj.states[:, k], k, traj.states[:, k + 1], weight) for k in ks}
-            rollouts.append((lr, hr, traj, out, adv, weight, ks, old, ref))
+            rollouts.append(Rollout(lr=lr, hr=hr, traj=traj, reward=out, group_size=G, advantages=adv,
+                                    pixel_weight=weight, steps=tuple(ks), old_log_probs=old, ref_log_probs=ref))
         # 2) Policy updates on the stored rollouts.
         losses, kls = [], []
         for _ in range(algo.inner_epochs):
-            for lr, hr, traj, out, adv, weight, ks, old, ref in rollouts:
-                for k in ks:
+            for ro in rollouts:
+                states = ro.traj.states
+                for k in ro.steps:
                     with timer("policy_forward"):
-                        logp = policy.step_log_prob(lr, traj.states[:, k], k, traj.states[:, k + 1], weight)
-                        loss = clipped_objective(logp, old[k], adv, algo.clip_range).mean()
-                        if ref:
-                            kl = kl_k3(logp, ref[k]).mean()
+                        logp = policy.step_log_prob(ro.lr, states[:, k], k, states[:, k + 1], ro.pixel_weight)
+                        loss = clipped_objective(logp, ro.old_log_probs[k], ro.advantages, algo.clip_range).mean()
+                        if ro.ref_log_probs:
+                            kl = kl_k3(logp, ro.ref_log_probs[k]).mean()
                             loss = loss + algo.kl_beta * kl
                             kls.append(float(kl.detach()))
                     check_finite(step + 1, s.run, loss=loss.detach())
                     with timer("policy_backward"):
-                        (loss / (len(ks) * cfg.grad_accum)).backward()
+                        (loss / (len(ro.steps) * cfg.grad_accum)).backward()
                     losses.append(float(loss.detach()))
             with timer("optimizer"):
                 gn = optimizer_step(s, cfg)
             check_finite(step + 1, s.run, grad_norm=gn)
-        scores = torch.cat([r[3].score.float() for r in rollouts])
+        scores = torch.cat([ro.reward.score.float() for ro in rollouts])
         group_std = scores.view(-1, G).std(dim=1, unbiased=False).mean()
+        l1 = torch.cat([(ro.traj.sr - ro.hr).abs().flatten(1).mean(1) for ro in rollouts]).mean()
         logs = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(unbiased=False)),
                 "reward/group_std": float(group_std), "loss": sum(losses) / len(losses), "grad_norm": gn,
-                "fidelity/l1": float(torch.cat([(r[2].sr - r[1]).abs().flatten(1).mean(1) for r in rollouts]).mean()),
-                "time/step": time.perf_counter() - t0, **timer.logs()}
+                "fidelity/l1": float(l1), "time/step": time.perf_counter() - t0, **timer.logs()}
         if kls:
             logs["kl"] = sum(kls) / len(kls)
         logs.update(observe_rewards(rewards, step + 1, logs["reward/mean"]))
-        lr, hr, traj, out = rollouts[-1][:4]
-        end_step(s, cfg, step + 1, logs, samples=(lr[::G], traj.sr[::G], hr[::G], _every(out, G)),
-                 extra={"curriculum": rewards.state_dict()})
-        if bar:
-            bar.update(1)
-            bar.set_postfix(reward=f"{logs['reward/mean']:.3f}")
+        end_step(s, cfg, step + 1, logs, samples=rollouts[-1].group_firsts(), extra={"curriculum": rewards.state_dict()})
+        bar.advance(reward=f"{logs['reward/mean']:.3f}")
         done += 1
         if stop_after_steps is not None and done >= stop_after_steps and step + 1 < cfg.steps:
             return finish(s, bar, stopped_at=step + 1, extra={"curriculum": rewards.state_dict()})
     return finish(s, bar)
-
-
-def _every(out, g: int):
-    """The first sample of each group, for the sample grid."""
-    from finpercep.types import RewardOutput
-
-    return RewardOutput(score=out.score[::g], map=None if out.map is None else out.map[::g])

@@ -1,9 +1,9 @@
-"""ReFL: reward feedback learning by direct reward backpropagation (the paper's main method,
-PAPER.md section 5).
+"""ReFL: reward feedback learning by direct reward backpropagation (the main RL method of
+arXiv 2512.22647).
 
 Xu et al. 2023, "ImageReward", eq. 3 (ReFL): ``L = -lambda * R(x_hat)`` where ``x_hat`` is the
 generator's prediction of the final image from a randomly chosen late step, plus a fidelity term
-against HR as in SR fine-tuning with a reward (e.g. DP²O-SR, PAPER.md section 5):
+against HR as in SR fine-tuning with a reward (e.g. DP²O-SR; arXiv 2512.22647 uses one too):
 
     L = -reward_weight * mean_i R(sr_i) + fidelity_weight * mean |sr - hr|
 
@@ -36,24 +36,24 @@ from torch import nn
 
 from finpercep.config import check_at_least
 from finpercep.rl.common import (
-    attach_rewards,
-    check_dense_credit,
-    current_reward,
-    observe_rewards,
     PairData,
     RunConfig,
     StepTimer,
+    as_reward_source,
+    attach_rewards,
+    check_dense_credit,
     check_finite,
     credit_weight,
     end_step,
     finish,
     is_stochastic,
+    observe_rewards,
     optimizer_step,
-    progress_bar,
+    run_progress,
     seeded_generator,
     start_run,
 )
-from finpercep.types import Reward
+from finpercep.types import Reward, RewardSource
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ReFLConfig:
 
 def train(
     policy: nn.Module,
-    reward: Reward | Any,
+    reward: Reward | RewardSource,
     data: PairData,
     run: str | Path,
     cfg: RunConfig,
@@ -94,17 +94,18 @@ def train(
     """Fine-tune ``policy`` (pretrained, changed in place) on ``reward`` with ReFL into ``run``
     (resuming whatever is there). Returns ``run / "final"`` (or the newest checkpoint when
     ``stop_after_steps`` ends the call early, for tests of resume)."""
-    first = current_reward(reward)
+    rewards = as_reward_source(reward)
+    first = rewards.reward
     if not first.differentiable:
         raise ValueError(f"ReFL backpropagates the reward, but {first.name!r} is not differentiable; "
                          "use --algo dpo or --algo grpo with it, or a differentiable reward (finpercep, l1, ssim, stlpips)")
-    check_dense_credit(cfg, reward)
+    check_dense_credit(cfg, rewards)
     s = start_run(policy, data, run, meta, cfg, device)
-    rewards = attach_rewards(s, reward)
+    rewards = attach_rewards(s, rewards)
     multi = is_stochastic(policy)
     per_rank = cfg.batch // s.world
     micro = per_rank // cfg.grad_accum
-    bar = progress_bar(s, cfg, "ReFL", progress)
+    bar = run_progress(s, cfg, "ReFL", progress)
     done = 0
     for step in range(s.start_step, cfg.steps):
         timer = StepTimer(s.device)
@@ -153,9 +154,7 @@ def train(
                 "time/reward_share": rt / step_time, **timer.logs()}
         logs.update(observe_rewards(rewards, step + 1, logs["reward/mean"]))
         end_step(s, cfg, step + 1, logs, samples=(lr, sr.detach(), hr, out), extra={"curriculum": rewards.state_dict()})
-        if bar:
-            bar.update(1)
-            bar.set_postfix(reward=f"{logs['reward/mean']:.3f}", l1=f"{logs['fidelity/l1']:.4f}")
+        bar.advance(reward=f"{logs['reward/mean']:.3f}", l1=f"{logs['fidelity/l1']:.4f}")
         done += 1
         if stop_after_steps is not None and done >= stop_after_steps and step + 1 < cfg.steps:
             return finish(s, bar, stopped_at=step + 1, extra={"curriculum": rewards.state_dict()})
