@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from finpercep.cli import main
 from finpercep.config import from_dict, load_config, load_yaml
 from finpercep.policies import load_policy, load_policy_checkpoint, save_policy
-from finpercep.policies.flow import FlowConfig, FlowSR, FlowTrainConfig
+from finpercep.policies.flow import FlowConfig, FlowTrainConfig
 from finpercep.policies.lora import apply_lora
 from finpercep.policies.rrdbnet import RRDBConfig, RRDBNet
-from finpercep.policies.tiny import TinyConfig, TinySR, TinyTrainConfig
+from finpercep.policies.tiny import TinyTrainConfig
 from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
 from finpercep.reward.train import RMTrainConfig, Triplets, train_reward_model
 from finpercep.rl import ALGORITHMS, RLConfig
@@ -29,7 +28,8 @@ from finpercep.rl.dpo import DPOConfig
 from finpercep.rl.grpo import GRPOConfig
 from finpercep.rl.refl import ReFLConfig
 from finpercep.runs import read_metrics
-from finpercep.types import NonFiniteError, RewardOutput
+from finpercep.types import NonFiniteError
+from rl_helpers import ToyReward, flow_policy, tiny_policy, write_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -40,20 +40,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
-    """Four x4 LR/HR pairs (HR 32x32 crops of real photos) in the FGR manifest format."""
-    import skimage.data as sd
-
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "samples").mkdir()
-    lines = []
-    for i, name in enumerate(("astronaut", "chelsea", "coffee", "rocket")):
-        hr = Image.fromarray(getattr(sd, name)()[40:72, 60:92])
-        hr.save(root / "samples" / f"{i}_hr.png")
-        hr.resize((8, 8), Image.BICUBIC).save(root / "samples" / f"{i}_lr.png")
-        lines.append(json.dumps({"id": f"s{i}", "hr": f"samples/{i}_hr.png", "lr": f"samples/{i}_lr.png"}))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "dataset.json").write_text(json.dumps({"config": {"scale": 4}}))
-    return root
+    """Four x4 LR/HR pairs (HR 32x32 crops of real photos), in the FGR manifest format."""
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.fixture(scope="module")
@@ -64,29 +52,6 @@ def rm_data(photo_dir, tmp_path_factory) -> Path:
     cfg = BuildConfig(num=12, crop=64, masks_per_sr=2, families=("bicubic", "halo", "blocking"))
     assert build_dataset(photo_dir, out, cfg, progress=False).complete
     return out
-
-
-def tiny_policy() -> TinySR:
-    torch.manual_seed(0)
-    return TinySR(TinyConfig(channels=8, num_layers=1))
-
-
-def flow_policy() -> FlowSR:
-    torch.manual_seed(0)
-    return FlowSR(FlowConfig(channels=8, num_blocks=1, time_dim=8, num_steps=3))
-
-
-class ToyReward:
-    """Differentiable, with a map: prefers images close to mid-grey."""
-
-    name, needs_reference, differentiable, range, has_map = "toy", False, True, (-1.0, 0.0), True
-
-    def __call__(self, sr, lr=None, hr=None):
-        d = (sr - 0.5).abs().mean(1, keepdim=True)
-        return RewardOutput(score=-d.flatten(1).mean(1), map=d.clamp(0, 1))
-
-    def to(self, device):
-        return self
 
 
 def run_cfg(**kw) -> RunConfig:

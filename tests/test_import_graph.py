@@ -230,7 +230,7 @@ def test_old_metric_path_reexports_the_same_objects() -> None:
     import finpercep.metrics as new
 
     assert old.__all__ and all(getattr(old, n) is getattr(new, n) for n in old.__all__)
-    assert ev.ssim is new.ssim and ev.order_accuracy is new.order_accuracy
+    assert ev.pixel_auroc is new.pixel_auroc and ev.order_accuracy is new.order_accuracy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from finpercep.io import latest_checkpoint
 from finpercep.policies import load_policy, save_policy
 from finpercep.policies.flow import FlowConfig, FlowSR
 from finpercep.policies.lora import adapters_disabled, apply_lora, merge_lora
-from finpercep.policies.tiny import TinyConfig, TinySR
+from finpercep.policies.tiny import TinySR
 from finpercep.rl import ALGORITHMS, RLConfig, fine_tune
 from finpercep.rl.common import (
     FixedReward,
@@ -36,6 +36,7 @@ from finpercep.rl.grpo import GRPOConfig, clipped_objective, kl_k3
 from finpercep.rl.refl import ReFLConfig
 from finpercep.runs import read_metrics
 from finpercep.types import NonFiniteError, RewardOutput, RewardSource, Rollout
+from rl_helpers import ToyReward, flow_policy, tiny_policy, write_pairs
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -47,44 +48,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     """Four x4 LR/HR pairs (HR 32x32 crops of real photos), in the FGR manifest format."""
-    import skimage.data as sd
-
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "samples").mkdir()
-    lines = []
-    for i, name in enumerate(("astronaut", "chelsea", "coffee", "rocket")):
-        img = getattr(sd, name)()[40:72, 60:92]
-        hr = Image.fromarray(img)
-        lr = hr.resize((8, 8), Image.BICUBIC)
-        hr.save(root / "samples" / f"{i}_hr.png")
-        lr.save(root / "samples" / f"{i}_lr.png")
-        lines.append(json.dumps({"id": f"s{i}", "hr": f"samples/{i}_hr.png", "lr": f"samples/{i}_lr.png"}))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "dataset.json").write_text(json.dumps({"config": {"scale": 4}}))
-    return root
-
-
-def tiny_policy() -> TinySR:
-    torch.manual_seed(0)
-    return TinySR(TinyConfig(channels=8, num_layers=1))
-
-
-def flow_policy() -> FlowSR:
-    torch.manual_seed(0)
-    return FlowSR(FlowConfig(channels=8, num_blocks=1, time_dim=8, num_steps=3))
-
-
-class ToyReward:
-    """Differentiable, with a map: prefers images close to mid-grey; map = |sr - 0.5|."""
-
-    name, needs_reference, differentiable, range, has_map = "toy", False, True, (-1.0, 0.0), True
-
-    def __call__(self, sr, lr=None, hr=None):
-        d = (sr - 0.5).abs().mean(1, keepdim=True)
-        return RewardOutput(score=-d.flatten(1).mean(1), map=d.clamp(0, 1))
-
-    def to(self, device):
-        return self
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 class ConstantReward(ToyReward):

@@ -1,0 +1,53 @@
+"""Tiny RL test material shared by tests/test_rl.py and tests/test_faults_training.py: x4 LR/HR pairs
+in the FGR manifest format, tiny seeded policies and a toy differentiable reward with a map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from finpercep.policies.flow import FlowConfig, FlowSR
+from finpercep.policies.tiny import TinyConfig, TinySR
+from finpercep.types import RewardOutput
+
+
+def write_pairs(root: Path) -> Path:
+    """Four x4 LR/HR pairs (HR 32x32 crops of scikit-image photos) in ``root``, in the FGR manifest format."""
+    import skimage.data as sd
+
+    (root / "samples").mkdir(parents=True)
+    lines = []
+    for i, name in enumerate(("astronaut", "chelsea", "coffee", "rocket")):
+        hr = Image.fromarray(getattr(sd, name)()[40:72, 60:92])
+        hr.save(root / "samples" / f"{i}_hr.png")
+        hr.resize((8, 8), Image.BICUBIC).save(root / "samples" / f"{i}_lr.png")
+        lines.append(json.dumps({"id": f"s{i}", "hr": f"samples/{i}_hr.png", "lr": f"samples/{i}_lr.png"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "dataset.json").write_text(json.dumps({"config": {"scale": 4}}))
+    return root
+
+
+def tiny_policy() -> TinySR:
+    torch.manual_seed(0)
+    return TinySR(TinyConfig(channels=8, num_layers=1))
+
+
+def flow_policy() -> FlowSR:
+    torch.manual_seed(0)
+    return FlowSR(FlowConfig(channels=8, num_blocks=1, time_dim=8, num_steps=3))
+
+
+class ToyReward:
+    """Differentiable, with a map: prefers images close to mid-grey; map = |sr - 0.5|."""
+
+    name, needs_reference, differentiable, range, has_map = "toy", False, True, (-1.0, 0.0), True
+
+    def __call__(self, sr, lr=None, hr=None):
+        d = (sr - 0.5).abs().mean(1, keepdim=True)
+        return RewardOutput(score=-d.flatten(1).mean(1), map=d.clamp(0, 1))
+
+    def to(self, device):
+        return self
