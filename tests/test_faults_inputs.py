@@ -333,6 +333,21 @@ def test_os_error_without_a_path_is_still_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == f"finpercep: error: cannot write ({os.strerror(errno.ENOSPC)})\n"
 
 
+@pytest.mark.parametrize("module", ["matplotlib", "matplotlib.pyplot"])
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys, module):
+    import finpercep.cli as cli
+    from finpercep.checks import require
+
+    def needs_report(args):  # what `report`, `score --overlay` or `data show` do without [report]
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # None in sys.modules: "not installed"
+        require(module, extra="report")
+
+    monkeypatch.setitem(cli.COMMANDS, ("policy", "list"), (needs_report, "x"))
+    assert main(["policy", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("finpercep: error: ") and "pip install 'finpercep[report]'" in err
+
+
 @pytest.mark.parametrize("command", [["sr", "--policy", "tiny-x4", "--out"], ["score", "--overlay"], ["score", "--maps"]])
 def test_out_naming_a_file_where_a_folder_is_expected(tmp_path, capsys, command):
     Image.fromarray(_noise(8, 8)).save(tmp_path / "a.png")

@@ -62,6 +62,23 @@ def cmd_photos_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_photos_add(args: argparse.Namespace) -> int:
+    from finpercep.data.photos import add_photo_folders
+
+    records = add_photo_folders(Path(args.out), Path(args.from_dir), include=args.include, progress=not args.quiet)
+    by_source: dict[tuple[str, str], int] = {}
+    for r in records:
+        key = (r.package if r.source == "folder" else r.source, r.split)
+        by_source[key] = by_source.get(key, 0) + 1
+    splits = {k: sum(r.split == k for r in records) for k in ("train", "val", "test")}
+    print(f"{len(records)} photos in {args.out} (" + ", ".join(f"{k}: {v}" for k, v in splits.items()) + ")")
+    for (source, split), n in sorted(by_source.items()):
+        print(f"  {source:12s} {split:5s} {n}")
+    print(f"use --images {Path(args.out) / 'train'} to build training data; "
+          f"{Path(args.out) / 'test'} holds only sources never trained on")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +327,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 # (group, command) -> (function, help). One literal dict; the parser below adds each one's options.
 COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]] = {
     ("photos", "fetch"): (cmd_photos_fetch, "download the real photos (Debian wallpapers) and split them"),
+    ("photos", "add"): (cmd_photos_add,
+                        "take photo folders (Sun_Hays80, BSD68, Set14, Set5) as whole sources: a source-disjoint split"),
     ("data", "build"): (cmd_data_build, "build an FGR data set: HR / LR / SR / region swap / maps"),
     ("data", "merge"): (cmd_data_merge, "join shard builds (--shard I/N) into one data set"),
     ("data", "show"): (cmd_data_show, "render a contact sheet: HR | SR | syn | map overlay"),
@@ -349,6 +368,12 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--source", choices=("auto", "debian", "wheels"), default="auto",
                        help="Debian wallpaper packages, photos bundled in Python wheels, or Debian with "
                             "the wheel fallback (default: %(default)s)")
+    elif key == ("photos", "add"):
+        p.add_argument("--from", dest="from_dir", required=True,
+                       help="folder whose sub-folders are photo sources, e.g. ../shared/photos")
+        p.add_argument("--out", default="runs/photos-sources", help="output folder (default: %(default)s)")
+        p.add_argument("--include", default=None,
+                       help="a `photos fetch` folder whose photos join as a training source (e.g. runs/photos)")
     elif key == ("data", "build"):
         p.add_argument("--images", required=True, help="folder of photos (PNG/JPEG/WebP), e.g. runs/photos/train")
         p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
@@ -519,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (UserError, ValueError) as e:
         print(f"finpercep: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional extra is not installed: the message names what to install
+        hint = "" if "pip install" in str(e) else " (pip install -r requirements.txt installs every extra)"
+        print(f"finpercep: error: {e}{hint}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno is None:  # raised by finpercep with its own message, e.g. "checkpoint not found: ..."
