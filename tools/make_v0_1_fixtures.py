@@ -1,5 +1,5 @@
 """Regenerate ``tests/fixtures/v0_1``: checkpoints, runs and a data set written by finpercep 0.1
-(commit 99c4b40, before issue #10 moved the checkpoint code into ``finpercep.io``), with the outputs
+(commit 99c4b40, before the checkpoint code moved into ``finpercep.io``), with the outputs
 that code computed on them, so ``tests/test_old_checkpoints.py`` can check that today's code loads
 them and computes the same.
 
