@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finpercep.reward.losses import RMLossConfig, align_loss, map_loss, rank_loss, total_loss
+from finpercep.reward.losses import LossNormalizer, RMLossConfig, align_loss, map_loss, rank_loss, total_loss
 from finpercep.reward.model import RewardOutput
 
 
@@ -117,3 +117,51 @@ def test_bad_shapes_are_clear_errors() -> None:
         align_loss(torch.zeros(2, 1), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="must be >= 0"):
         RMLossConfig(m1=-1.0)
+
+
+def test_total_loss_divides_each_term_by_its_scale() -> None:
+    # Same triplet as test_total_loss_combines_weighted_terms: L_map 0.25, L_rank 1.2, L_align 1.0.
+    cfg = RMLossConfig(l_map=2.0, l_rank=1.0, l_align=0.5)
+    pred, gt_map = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.25)
+    outs = _out(_t(1.0), pred), _out(_t(0.5), pred), _out(_t(0.2), pred)
+    loss, logs = total_loss(*outs, gt_map, _t(2.0), cfg, scales={"map": 0.5, "rank": 0.6, "align": 2.0})
+    assert float(loss) == pytest.approx(2.0 * 0.25 / 0.5 + 1.2 / 0.6 + 0.5 * 1.0 / 2.0)
+    assert logs["loss/map"] == pytest.approx(0.25) and logs["loss/rank"] == pytest.approx(1.2)  # logged unscaled
+    assert logs["loss_scale/map"] == 0.5 and logs["loss/total"] == pytest.approx(float(loss))
+    # A missing scale is 1; no scales at all is bit-identical to the plain weighted sum.
+    plain, plain_logs = total_loss(*outs, gt_map, _t(2.0), cfg)
+    assert float(total_loss(*outs, gt_map, _t(2.0), cfg, scales={})[0]) == float(plain)
+    assert "loss_scale/map" not in plain_logs
+    with pytest.raises(ValueError, match="scales must be > 0"):
+        total_loss(*outs, gt_map, _t(2.0), cfg, scales={"map": 0.0})
+
+
+def test_loss_normalizer_tracks_bias_corrected_running_means() -> None:
+    norm = LossNormalizer(decay=0.5, floor=0.01)
+    assert norm.scales() == {}  # nothing seen yet: every divisor is 1 in total_loss
+    norm.update({"loss/rank": 2.0, "loss/total": 9.0})
+    assert norm.scales() == pytest.approx({"rank": 2.0})  # bias-corrected: the first value itself
+    norm.update({"loss/rank": 1.0, "loss/map": 0.004})
+    # rank: biased mean 0.5 * 1.0 + 0.5 * 1.0 = 1.0, corrected by 1 - 0.5^2 -> 4/3; map below the floor.
+    assert norm.scales() == pytest.approx({"rank": 4 / 3, "map": 0.01})
+    again = LossNormalizer(decay=0.5, floor=0.01)
+    again.load_state_dict(norm.state_dict())
+    assert again.scales() == norm.scales()
+    with pytest.raises(ValueError, match="decay must be in"):
+        LossNormalizer(decay=1.0)
+    with pytest.raises(ValueError, match="floor > 0"):
+        LossNormalizer(floor=0.0)
+
+
+def test_normalised_terms_pull_with_their_weights() -> None:
+    """With scales at the terms' running means, a ranking loss 10x larger than the map loss no longer
+    weighs 10x more: each term adds about its weight, and its gradient is divided by its scale."""
+    s_gt, s_syn, s_sr = (_t(v).requires_grad_() for v in (0.5, 0.25, 0.0))  # L_rank = 0.75 + 0.75 = 1.5
+    pred = torch.full((1, 1, 2, 2), 0.0, requires_grad=True)
+    gt_map = torch.full((1, 1, 2, 2), 0.15)  # L_map = 0.15
+    cfg = RMLossConfig(map_balance=None)
+    loss, _ = total_loss(_out(s_gt, pred), _out(s_syn, pred), _out(s_sr, pred), gt_map, None, cfg,
+                         scales={"rank": 1.5, "map": 0.15})
+    assert float(loss.detach()) == pytest.approx(2.0)  # each term ~ 1 x its weight
+    loss.backward()
+    assert float(s_gt.grad) == pytest.approx(-1 / 1.5) and float(pred.grad.sum()) == pytest.approx(-1 / 0.15)

@@ -18,6 +18,7 @@ from finpercep.reward.model import (
     FinPercepRM,
     RMConfig,
     decoder_reach,
+    default_tile_context,
     load_pretrained,
     save_pretrained,
     score_image_tiled,
@@ -25,6 +26,9 @@ from finpercep.reward.model import (
 
 TINY = RMConfig(decoder_stage=0, decoder_channels=8, score_hidden=16)
 N_STAGES = len(TINY.levels)
+# v2 (configs/rm_v2.yaml, tiny): the stride-2 level and the full-resolution branch at the last stage.
+TINY_V2 = RMConfig(decoder_stage=0, levels=(0, 1, 2, 4, 5), decoder_channels=8, score_hidden=16, fullres_channels=4)
+N_V2 = len(TINY_V2.levels)
 
 # Tiled vs whole-image pass: the tiled pass is exact by construction (score_image_tiled
 # docstring); measured max |difference| on 600x700 photos (tile 128..512, stages 0..4) was
@@ -42,14 +46,23 @@ def _randomize_decoder(model: FinPercepRM, seed: int) -> FinPercepRM:
     return model
 
 
-@pytest.fixture(scope="module")
-def models() -> list[FinPercepRM]:
+def _grown(cfg: RMConfig) -> list[FinPercepRM]:
     """Tiny models at stages 0..N (one pretrained encoder load, then growth), decoders randomised."""
     torch.manual_seed(0)
-    out = [FinPercepRM(TINY)]
-    for k in range(1, N_STAGES + 1):
+    out = [FinPercepRM(cfg)]
+    for k in range(1, len(cfg.levels) + 1):
         out.append(_randomize_decoder(out[-1].grow(), seed=k))
     return out
+
+
+@pytest.fixture(scope="module")
+def models() -> list[FinPercepRM]:
+    return _grown(TINY)
+
+
+@pytest.fixture(scope="module")
+def models_v2() -> list[FinPercepRM]:
+    return _grown(TINY_V2)
 
 
 def _photo(h: int, w: int, name: str = "astronaut") -> torch.Tensor:
@@ -176,6 +189,19 @@ def test_save_load_round_trip_is_identical(models, tmp_path, stage: int) -> None
     assert not any("_fc" in k or "_conv_head" in k for k in loaded.state_dict())
 
 
+def test_v2_fields_are_saved_only_when_used(models, models_v2, tmp_path) -> None:
+    """A v1 model's config.json has no v2 keys (old checkpoints keep their bytes); a v2 one round-trips."""
+    v1 = json.loads((save_pretrained(models[2], tmp_path / "v1") / "config.json").read_text())["config"]
+    assert "fullres_channels" not in v1 and "fullres_layers" not in v1
+    folder = save_pretrained(models_v2[N_V2], tmp_path / "v2")
+    assert json.loads((folder / "config.json").read_text())["config"]["fullres_channels"] == 4
+    loaded = load_pretrained(folder)
+    assert loaded.cfg == models_v2[N_V2].cfg and loaded.decoder.fullres is not None
+    x = _photo(40, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).map, models_v2[N_V2](x).map)
+
+
 def test_load_rejects_unknown_keys_mismatches_and_missing_files(models, tmp_path) -> None:
     folder = save_pretrained(models[1], tmp_path / "ckpt")
     meta = json.loads((folder / "config.json").read_text())
@@ -193,10 +219,12 @@ def test_load_rejects_unknown_keys_mismatches_and_missing_files(models, tmp_path
 
 
 @pytest.mark.parametrize(
-    "stage, size, tile", [(N_STAGES, (600, 700), 256), (0, (300, 260), 128), (2, (300, 260), 128)]
+    "version, stage, size, tile",
+    [("v1", N_STAGES, (600, 700), 256), ("v1", 0, (300, 260), 128), ("v1", 2, (300, 260), 128),
+     ("v2", N_V2, (600, 700), 256), ("v2", N_V2, (300, 260), 64), ("v2", N_V2 - 1, (300, 260), 128)],
 )
-def test_tiled_equals_whole_image(models, stage: int, size: tuple[int, int], tile: int) -> None:
-    model = models[stage]
+def test_tiled_equals_whole_image(request, version: str, stage: int, size: tuple[int, int], tile: int) -> None:
+    model = request.getfixturevalue("models" if version == "v1" else "models_v2")[stage]
     x = _photo(*size, "chelsea")
     with torch.no_grad():
         whole = model(x)
@@ -207,6 +235,39 @@ def test_tiled_equals_whole_image(models, stage: int, size: tuple[int, int], til
         assert tiled.map.shape == (1, 1, *size)
         assert float((tiled.map - whole.map).abs().max()) < TILED_TOL
         assert float((tiled.map_logits - whole.map_logits).abs().max()) < 10 * TILED_TOL
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 23), (64, 96)])
+def test_v2_stride2_level_and_fullres_branch_at_the_last_stage_only(models_v2, size: tuple[int, int]) -> None:
+    assert [m.decoder is not None and m.decoder.fullres is not None for m in models_v2] == [False] * N_V2 + [True]
+    assert models_v2[N_V2].cfg.active_levels[-1] == 0 and BACKBONES["efficientnet_lite0"].stages[0][0] == 2
+    # Reach: 2 * (2 + 4 + 8 + 16 + 32) px through the levels, + 3 px for the branch's three 3x3 convs.
+    assert decoder_reach(models_v2[N_V2]) == 127 and decoder_reach(models_v2[N_V2 - 1]) == 2 * (4 + 8 + 16 + 32)
+    assert default_tile_context(models_v2[N_V2]) == 128
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = models_v2[N_V2](x)
+    assert out.map.shape == (2, 1, *size) and float(out.map.min()) >= 0 and float(out.map.max()) <= 1
+    assert torch.isfinite(out.score).all()
+
+
+def test_v2_grow_into_the_fullres_stage_starts_from_the_old_map(models_v2) -> None:
+    old = models_v2[N_V2 - 1]
+    new = old.grow()
+    added = set(new.state_dict()) - set(old.state_dict())
+    assert any(k.startswith("decoder.fullres.") for k in added)
+    assert all(".s0." in k or k.startswith("decoder.fullres.") for k in added)
+    x = _photo(96, 128, "coffee")
+    with torch.no_grad():
+        a, b = old(x), new(x)
+        residual = new.decoder.fullres(x, new.decoder.features(new.encode(x)))  # 96x128: no padding
+    assert residual.shape == (1, 1, 96, 128) and float(residual.abs().max()) == 0  # starts at exactly 0
+    # The new stride-2 level refines the old stride-4 map (as in test_grow_keeps_old_parameters...).
+    d, spread = (a.map_logits - b.map_logits).abs(), float(a.map_logits.max() - a.map_logits.min())
+    assert spread > 0.05 and float(d.mean()) < 0.05 * spread and float(d.max()) < 0.5 * spread
+    new = old.grow()
+    new(x).map.mean().backward()  # the zero output conv of the branch receives gradient (not dead)
+    assert float(new.decoder.fullres.out.weight.grad.abs().sum()) > 0
 
 
 def test_tiled_validates_tile_and_context(models) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,12 +15,13 @@ import torch
 from finpercep.config import load_config
 from finpercep.data.builder import BuildConfig, build_dataset
 from finpercep.io import latest_checkpoint
-from finpercep.reward.losses import RMLossConfig
+from finpercep.reward.losses import LossNormalizer, RMLossConfig
 from finpercep.reward.model import RMConfig, load_pretrained
-from finpercep.reward.train import RMTrainConfig, rm_train_step, train_reward_model
+from finpercep.reward.train import RMTrainConfig, WeightEMA, rm_train_step, run_record, train_reward_model
 from finpercep.types import NonFiniteError, Triplet
 
 SRC = str(Path(__file__).parents[1] / "src")
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,13 @@ def test_stages_grow_and_are_saved(tiny_data, tmp_path):
     assert again == folders
 
 
-def test_resume_equals_uninterrupted(tiny_data, tmp_path):
-    cfg = tiny_cfg(stages=1)
+# The v2 stabilisers (EMA, loss normalisation, encoder trained in every stage) must resume exactly too.
+V2_STABILISERS = dict(ema_decay=0.9, loss_norm_decay=0.9, grown_backbone_lr=1e-5, max_grad_norm=1.0, channels_last=True)
+
+
+@pytest.mark.parametrize("extra", [{}, V2_STABILISERS], ids=["v1", "v2-stabilisers"])
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, extra):
+    cfg = tiny_cfg(stages=1, **extra)
     full = train_reward_model(tiny_data, tmp_path / "full", cfg, progress=False)
     # stop after 4 steps (stage 0 done, one step into stage 1), then resume
     train_reward_model(tiny_data, tmp_path / "cut", cfg, progress=False, stop_after_steps=4)
@@ -102,6 +109,70 @@ def test_yaml_config_and_unknown_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text("batch_sise: 3\n")
     with pytest.raises(ValueError, match="batch_sise"):
         load_config(RMTrainConfig, tmp_path / "bad.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# v2: the recipe and its levers
+
+
+def test_v2_recipe_tiny_trains_two_steps_per_stage(tiny_data, tmp_path):
+    cfg = load_config(RMTrainConfig, CONFIGS / "rm_v2.yaml")
+    # The recipe as the issue asks for it: stride 2 + full-res branch, a trainable encoder with the
+    # stabilisers, 256-px crops, batch >= 16, thousands of steps per stage.
+    m = cfg.model
+    assert m.levels[0] == 0 and m.fullres_channels > 0 and cfg.last_stage == len(m.levels)
+    assert cfg.grown_backbone_lr > 0 and cfg.ema_decay and cfg.loss_norm_decay is not None and cfg.channels_last
+    assert cfg.crop == 256 and cfg.batch_size >= 16 and min(cfg.steps_per_stage) >= 1000
+    tiny = dataclasses.replace(
+        cfg, model=dataclasses.replace(m, decoder_channels=8, score_hidden=16, fullres_channels=4),
+        steps_per_stage=(2,), batch_size=2, warmup_steps=1, log_every=1, val_fraction=0.34, val_max=2)
+    folders = train_reward_model(tiny_data, tmp_path / "v2", tiny, progress=False)
+    assert [f.name for f in folders] == [f"stage_{k}" for k in range(len(m.levels) + 1)]
+    last = load_pretrained(folders[-1])
+    assert last.decoder.fullres is not None and last.cfg.active_levels[-1] == 0
+    out = last(torch.rand(1, 3, 40, 56))
+    assert out.map.shape == (1, 1, 40, 56) and torch.isfinite(out.score).all()
+    # The encoder trains in the grown stages too (v1 froze it).
+    s1, s2 = state(folders[1]), state(folders[2])
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("backbone.") and s1[k].is_floating_point())
+    lines = [json.loads(l) for l in (tmp_path / "v2" / "metrics.jsonl").read_text().splitlines()]
+    second = [l for l in lines if l.get("step") == 2 and "loss/total" in l and l["stage"] > 0]
+    assert len(second) == len(m.levels) and all("loss_scale/map" in l and "loss_scale/align" in l for l in second)
+
+
+def test_weight_ema_averages_weights_and_copies_counters():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+    ema = WeightEMA(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(model)  # d = min(0.5, 1 / 10) = 0.1: 0.1 * 0 + 0.9 * 1
+    assert float(ema.module[0].weight) == pytest.approx(0.9) and int(ema.module[1].num_batches_tracked) == 7
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+    ema.update(model)  # d = min(0.5, 2 / 11): (2 * 0.9 + 9 * 2) / 11
+    assert float(ema.module[0].weight) == pytest.approx(1.8)
+    assert float(model[0].weight.detach()) == 2.0 and not any(p.requires_grad for p in ema.module.parameters())
+    again = WeightEMA(model, decay=0.5)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 2 and float(again.module[0].weight) == pytest.approx(1.8)
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightEMA(model, decay=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        RMTrainConfig(ema_decay=1.5)
+
+
+def test_run_record_leaves_out_v2_fields_at_their_defaults():
+    """A run folder saved before the v2 options existed has no such keys; it must still resume."""
+    rec = run_record(RMTrainConfig())
+    assert not {"ema_decay", "max_grad_norm", "loss_norm_decay", "loss_norm_floor", "channels_last"} & set(rec)
+    assert not {"fullres_channels", "fullres_layers"} & set(rec["model"])
+    v2 = run_record(RMTrainConfig(ema_decay=0.99, model=RMConfig(decoder_stage=0, fullres_channels=8),
+                                  loss_norm_decay=0.9))
+    assert v2["ema_decay"] == 0.99 and v2["model"]["fullres_channels"] == 8 and v2["loss_norm_decay"] == 0.9
+    assert rec["batch_size"] == 8 and rec["model"]["levels"] == [1, 2, 4, 6]  # the rest is all there
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +210,37 @@ def test_rm_train_step_refuses_a_non_finite_loss_before_touching_the_model(tiny_
         rm_train_step(model, _triplet(nan_map=True), RMLossConfig(), opt)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not opt.state
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_rm_train_step_divides_the_terms_by_the_running_means(tiny_rm_run):
+    model, base = load_pretrained(tiny_rm_run / "stage_1").train(), load_pretrained(tiny_rm_run / "stage_0")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    norm = LossNormalizer(decay=0.9)
+    first = rm_train_step(model, _triplet(0), RMLossConfig(), opt, base=base, loss_norm=norm)
+    assert not any(k.startswith("loss_scale/") and v != 1.0 for k, v in first.items())  # nothing seen yet
+    # After one step the divisors are that step's terms (bias-corrected mean of one value).
+    assert norm.scales() == pytest.approx({t: max(first[f"loss/{t}"], 0.01) for t in ("rank", "map", "align")})
+    scales = norm.scales()
+    second = rm_train_step(model, _triplet(1), RMLossConfig(), opt, base=base, loss_norm=norm)
+    assert {t: second[f"loss_scale/{t}"] for t in scales} == pytest.approx(scales)
+    cfg = RMLossConfig()
+    weighted = sum(w * second[f"loss/{t}"] / scales[t] for t, w in (("rank", cfg.l_rank), ("map", cfg.l_map),
+                                                                       ("align", cfg.l_align)))
+    assert second["loss/total"] == pytest.approx(weighted, rel=1e-5)
+
+
+def test_channels_last_step_matches_the_default_format(tiny_rm_run):
+    """channels_last (the trainer's default) changes the speed, not the numbers (float rounding only)."""
+    logs = []
+    for cl in (False, True):
+        model = load_pretrained(tiny_rm_run / "stage_2").train()
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        logs.append(rm_train_step(model, _triplet(2), RMLossConfig(), opt, channels_last=cl))
+    for key in ("loss/total", "loss/map", "loss/rank", "grad_norm"):
+        assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5, abs=1e-7), key
+    assert not RMTrainConfig().channels_last and load_config(RMTrainConfig, CONFIGS / "rm_v2.yaml").channels_last
 
 
 def test_coevolution_refreshes_with_the_reward_model_step(tiny_rm_run, monkeypatch):

@@ -8,10 +8,20 @@
 Pure functions of tensors; every term is a mean over the batch (and over pixels for ``L_map``)
 and is computed in float32 whatever the autocast dtype of its inputs. Margins and weights are not
 given in the paper; :class:`RMLossConfig` documents ours.
+
+Loss normalisation (v2, ours; ``RMTrainConfig.loss_norm_decay``): each term is divided by a
+running mean of its own magnitude before weighting, ``L = sum_t l_t L_t / max(mean_t, floor)``, so
+every term pulls with about its weight whatever its scale (our first run with a trainable encoder
+in every stage let the map loss move the shared encoder until the score head died). The running
+means are state; they live in a :class:`LossNormalizer` kept by the trainer, and
+:func:`total_loss` takes the divisors as plain numbers (``scales``). Its options are the trainer's,
+not :class:`RMLossConfig`'s, so configs that embed an ``RMLossConfig`` (co-evolution's) keep
+their saved form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +129,45 @@ class RMLossConfig:
                 raise ValueError(f"RMLossConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
+LOSS_TERMS = ("rank", "map", "align")
+"""The terms of ``L``, as named in ``loss/<term>`` logs and in ``scales``."""
+
+
+class LossNormalizer:
+    """Running means of the loss terms' magnitudes, for loss normalisation (module docstring; ours).
+
+    ``scales()`` gives the divisor of each term seen so far, ``max(m_t, floor)`` with ``m_t`` the
+    bias-corrected exponential mean (as in Adam) of its unweighted values over the previous steps;
+    a term not seen yet is absent (divisor 1 at its first step). ``update(logs)`` adds a step's
+    ``loss/<term>`` values (call it after a successful step, so a non-finite loss leaves it as it
+    was). ``state_dict`` / ``load_state_dict`` hold plain numbers (saved with trainer checkpoints).
+    """
+
+    def __init__(self, decay: float = 0.99, floor: float = 0.01) -> None:
+        if not 0 <= decay < 1 or not floor > 0:
+            raise ValueError(f"LossNormalizer: decay must be in [0, 1) and floor > 0, got {decay}, {floor}")
+        self.decay, self.floor = decay, floor
+        self.means: dict[str, float] = {}  # biased exponential means
+        self.counts: dict[str, int] = {}
+
+    def scales(self) -> dict[str, float]:
+        return {t: max(m / (1 - self.decay ** self.counts[t]), self.floor) for t, m in self.means.items()}
+
+    def update(self, logs: Mapping[str, float]) -> None:
+        for t in LOSS_TERMS:
+            if f"loss/{t}" in logs:
+                v = abs(float(logs[f"loss/{t}"]))
+                self.means[t] = self.decay * self.means.get(t, 0.0) + (1 - self.decay) * v
+                self.counts[t] = self.counts.get(t, 0) + 1
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"means": dict(self.means), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, float]]) -> None:
+        self.means = {str(k): float(v) for k, v in state["means"].items()}
+        self.counts = {str(k): int(v) for k, v in state["counts"].items()}
+
+
 def total_loss(
     out_gt: RewardOutput,
     out_syn: RewardOutput,
@@ -126,6 +175,7 @@ def total_loss(
     gt_map_syn: torch.Tensor | None,
     base_score_gt: torch.Tensor | None,
     cfg: RMLossConfig = RMLossConfig(),
+    scales: Mapping[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``L = l_map L_map + l_rank L_rank + l_align L_align`` (arXiv 2512.22647) for a batch of
     triplets ``(I_GT, I_syn, I_SR)``.
@@ -136,20 +186,27 @@ def total_loss(
     and logging numbers: ``loss/total`` and ``loss/<term>`` for each active term (unweighted),
     ``rank/ordered`` (fraction of triplets with ``S_SR < S_syn < S_GT``) and ``score/{gt,syn,sr}``
     (batch means).
+
+    ``scales`` (loss normalisation, :class:`LossNormalizer`): each term is divided by
+    ``scales[term]`` (missing = 1) before weighting, ``L = sum_t l_t L_t / scales[t]``; the logged
+    terms stay unscaled, ``loss/total`` is the scaled sum and ``loss_scale/<term>`` the divisors.
     """
+    div = {t: 1.0 for t in LOSS_TERMS} | dict(scales or {})
+    if not all(v > 0 for v in div.values()):
+        raise ValueError(f"total_loss: scales must be > 0, got {dict(scales or {})}")
     s_gt, s_syn, s_sr = out_gt.score, out_syn.score, out_sr.score
     l_rank = rank_loss(s_gt, s_syn, s_sr, cfg.m1, cfg.m2)
-    loss = cfg.l_rank * l_rank
+    loss = cfg.l_rank * l_rank / div["rank"]
     logs = {"loss/rank": float(l_rank.detach())}
     if out_syn.map is not None:
         if gt_map_syn is None:
             raise ValueError("total_loss: the model has a map (stage >= 1) but gt_map_syn is None")
         l_map = map_loss(out_syn.map, gt_map_syn, cfg.map_balance)
-        loss = loss + cfg.l_map * l_map
+        loss = loss + cfg.l_map * l_map / div["map"]
         logs["loss/map"] = float(l_map.detach())
     if base_score_gt is not None:
         l_align = align_loss(s_gt, base_score_gt)
-        loss = loss + cfg.l_align * l_align
+        loss = loss + cfg.l_align * l_align / div["align"]
         logs["loss/align"] = float(l_align.detach())
     with torch.no_grad():
         ordered = ((s_sr < s_syn) & (s_syn < s_gt)).float().mean()
@@ -162,4 +219,6 @@ def total_loss(
             "score/sr": float(s_sr.detach().float().mean()),
         }
     )
+    if scales is not None:
+        logs.update({f"loss_scale/{t}": div[t] for t in LOSS_TERMS if f"loss/{t}" in logs})
     return loss, logs

@@ -25,6 +25,17 @@ is zero-initialised and its fusion block initialised to the identity, so the gro
 starts as the 2x bilinear refinement of the old one (equal up to interpolation differences, see
 ``tests/test_reward_model.py``).
 
+**Pixel-level resolution (v2, ours).** With the v1 levels the finest map logits sit at stride 4, so
+one-pixel artifacts (ringing, halos, seams, GAN noise) are read from a quarter-scale grid. Two
+options bring the map to the pixel: the stride-2 stage (EfficientNet-Lite0 stage 0, 16 channels)
+as the finest level (``levels = (0, ...)``), and a shallow full-resolution branch
+(``fullres_channels > 0``, :class:`FullResBranch`): ``fullres_layers`` 3x3 convs + ReLU on the
+image at stride 1, added to the decoder output (projected to the same width and bilinearly
+upsampled), one 3x3 fusion conv + ReLU and a zero-initialised 1x1 conv giving a logit *residual*
+on top of the upsampled coarse logits. The branch joins at the last stage together with the finest
+level, so growing ``RM_{N-1} -> RM_N`` still starts from the old map. Both are off in the v1
+configs and the shipped checkpoints.
+
 **Score head and the meaning of ``f_N * M``.** M is high where the image is degraded, so with the
 paper's modulation (``modulation="map"``) the pooled deepest features are those *of the degraded
 regions*: the score is computed from what is wrong in the image, and a small defect cannot hide
@@ -146,6 +157,9 @@ MAX_DECODER_CHANNELS = 4096
 """Bound on ``RMConfig.decoder_channels`` (64 by default; 4096 is ~70 M decoder parameters)."""
 MAX_SCORE_HIDDEN = 65536
 """Bound on ``RMConfig.score_hidden`` (256 by default; 65536 is ~21 M score-head parameters)."""
+MAX_FULLRES_CHANNELS = 256
+"""Bound on ``RMConfig.fullres_channels`` (0 by default, 16 in the v2 recipe; every channel costs
+~2 x 9 x channels multiply-adds per input pixel)."""
 
 Modulation = Literal["map", "one_minus_map", "none"]
 Pool = Literal["mean", "masked_mean", "masked_mean_area"]
@@ -173,7 +187,8 @@ class RMConfig:
     levels: tuple[int, ...] = (1, 2, 4, 6)
     """Backbone stages (indices into the backbone's ``stages``, increasing = deeper) feeding the
     decoder; the last one is ``f_N``, the input of the score head. Default for EfficientNet-Lite0:
-    the deepest stage at each stride 4, 8, 16, 32 (24, 40, 112, 320 channels)."""
+    the deepest stage at each stride 4, 8, 16, 32 (24, 40, 112, 320 channels). Stage 0 (stride 2,
+    16 channels) is allowed: the v2 recipe uses ``(0, 1, 2, 4, 5)``, map logits at stride 2."""
 
     decoder_stage: int | None = None
     """How many decoder levels are active, 0..len(levels): 0 = RM_0 (global score only, no
@@ -214,6 +229,14 @@ class RMConfig:
     ``model.train()``: outputs never depend on the batch, so tiles, single images and small RL
     batches behave alike. Their affine parameters still train."""
 
+    fullres_channels: int = 0
+    """Width of the shallow full-resolution branch (:class:`FullResBranch`, v2, ours), active at the
+    last stage only (``decoder_stage == len(levels)``); 0 = no branch (v1, the shipped model)."""
+
+    fullres_layers: int = 2
+    """3x3 convs (+ ReLU) of the full-resolution branch on the image, 1..8; each widens the branch's
+    view, and the tiling context (:func:`decoder_reach`), by 1 px per side."""
+
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
@@ -229,6 +252,8 @@ class RMConfig:
             raise ValueError(f"decoder_stage must be in [0, {len(lv)}] (len(levels)), got {self.decoder_stage}")
         check_between("RMConfig", 1, MAX_DECODER_CHANNELS, decoder_channels=self.decoder_channels)
         check_between("RMConfig", 1, MAX_SCORE_HIDDEN, score_hidden=self.score_hidden)
+        check_between("RMConfig", 0, MAX_FULLRES_CHANNELS, fullres_channels=self.fullres_channels)
+        check_between("RMConfig", 1, 8, fullres_layers=self.fullres_layers)
         if self.modulation not in _MODULATIONS:
             raise ValueError(f"modulation must be one of {_MODULATIONS}, got {self.modulation!r}")
         if self.pool not in _POOLS:
@@ -247,6 +272,11 @@ class RMConfig:
     def stride(self) -> int:
         """Stride of ``f_N``; inputs are padded to a multiple of it."""
         return BACKBONES[self.backbone].stages[self.levels[-1]][0]
+
+    @property
+    def has_fullres(self) -> bool:
+        """Whether this stage has the full-resolution branch (configured, and the last stage)."""
+        return self.fullres_channels > 0 and self.decoder_stage == len(self.levels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,14 +313,22 @@ class FPNDecoder(nn.Module):
     ``"s<level>"`` so that a grown decoder's keys are a superset of the old one's.
     """
 
-    def __init__(self, channels_in: dict[int, int], active: tuple[int, ...], channels: int) -> None:
+    def __init__(
+        self,
+        channels_in: dict[int, int],
+        active: tuple[int, ...],
+        channels: int,
+        fullres: FullResBranch | None = None,
+    ) -> None:
         super().__init__()
         self.active = active  # coarsest first
         self.lateral = nn.ModuleDict({f"s{lv}": nn.Conv2d(channels_in[lv], channels, 1) for lv in active})
         self.fuse = nn.ModuleDict({f"s{lv}": FusionBlock(channels) for lv in active})
         self.head = nn.Conv2d(channels, 1, 1)
+        self.fullres = fullres  # the full-resolution branch (last stage of a v2 config), or None
 
-    def forward(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+    def features(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The fused features ``d`` ``(B, channels, h_f, w_f)`` at the finest active level's grid."""
         d: torch.Tensor | None = None
         for lv in self.active:
             p = self.lateral[f"s{lv}"](feats[lv])
@@ -298,8 +336,41 @@ class FPNDecoder(nn.Module):
                 p = p + F.interpolate(d, size=p.shape[-2:], mode="bilinear", align_corners=False)
             d = self.fuse[f"s{lv}"](p)
         assert d is not None
+        return d
+
+    def forward(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
         # A 1x1 head commutes with bilinear upsampling, which is what lets growth keep the map.
-        return self.head(d)
+        return self.head(self.features(feats))
+
+
+class FullResBranch(nn.Module):
+    """The shallow full-resolution branch of the v2 map (module docstring; ours).
+
+    ``forward(x, d)``: the padded image ``x`` ``(B, 3, H, W)`` in [0, 1] and the decoder features
+    ``d`` ``(B, C_dec, h_f, w_f)`` (``H = h_f * stride_f``) -> a logit residual ``(B, 1, H, W)``::
+
+        e = [3x3 conv -> ReLU] x layers (2x - 1)          image path, stride 1
+        r = Out(ReLU(Fuse3x3(e + up(Proj1x1(d)))))         Out a 1x1 conv to one channel
+
+    ``Out`` starts at zero, so a new branch adds nothing and the grown map starts as the old one.
+    Reach: ``layers + 1`` px per side at stride 1 (the 3x3 convs), on top of the decoder's.
+    """
+
+    def __init__(self, decoder_channels: int, channels: int, layers: int) -> None:
+        super().__init__()
+        convs: list[nn.Module] = []
+        for i in range(layers):
+            convs += [nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1), nn.ReLU()]
+        self.image = nn.Sequential(*convs)
+        self.proj = nn.Conv2d(decoder_channels, channels, 1)
+        self.fuse = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.proj(d), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.out(F.relu(self.fuse(self.image(2 * x - 1) + up)))
 
 
 def _check_image_batch(x: object, who: str, model: nn.Module) -> torch.Tensor:
@@ -363,7 +434,9 @@ class FinPercepRM(nn.Module):
         self.decoder: FPNDecoder | None = None
         if cfg.decoder_stage > 0:
             channels_in = {lv: spec.stages[lv][1] for lv in cfg.levels}
-            self.decoder = FPNDecoder(channels_in, cfg.active_levels, cfg.decoder_channels)
+            fullres = (FullResBranch(cfg.decoder_channels, cfg.fullres_channels, cfg.fullres_layers)
+                       if cfg.has_fullres else None)
+            self.decoder = FPNDecoder(channels_in, cfg.active_levels, cfg.decoder_channels, fullres)
             # A new map head starts at logit 0 (M = 0.5 everywhere): see the growth argument in
             # the module docstring.
             nn.init.zeros_(self.decoder.head.weight)
@@ -405,12 +478,17 @@ class FinPercepRM(nn.Module):
         wanted = self.cfg.active_levels + (self.cfg.levels[-1],)
         return {lv: feats[lv] for lv in wanted}
 
-    def decode(self, feats: dict[int, torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
-        """Map logits ``(B, 1, *size)`` (bilinear upsampling of the decoder output), or None at stage 0."""
+    def decode(self, feats: dict[int, torch.Tensor], x_pad: torch.Tensor) -> torch.Tensor | None:
+        """Map logits ``(B, 1, H, W)`` at the size of ``x_pad`` ``(B, 3, H, W)`` (the padded image, or a
+        crop of it whose corner sits on the model stride), or None at stage 0: the decoder output
+        bilinearly upsampled, plus the full-resolution branch's residual when the stage has one."""
         if self.decoder is None:
             return None
-        logits = self.decoder(feats)
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        d = self.decoder.features(feats)
+        logits = F.interpolate(self.decoder.head(d), size=x_pad.shape[-2:], mode="bilinear", align_corners=False)
+        if self.decoder.fullres is not None:
+            logits = logits + self.decoder.fullres(x_pad, d)
+        return logits
 
     def pool_score(self, f_n: torch.Tensor, map_pad: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
         """``S = MLP(pool(f_N * resize(M, f_N)))``, ``(B,)``.
@@ -450,7 +528,7 @@ class FinPercepRM(nn.Module):
         x_pad = _pad_to_multiple(x, s, self.cfg.pad_mode)
         valid = _valid_mask(h, w, s, x_pad)
         feats = self.encode(x_pad)
-        logits = self.decode(feats, tuple(x_pad.shape[-2:]))
+        logits = self.decode(feats, x_pad)
         m_pad = torch.sigmoid(logits) if logits is not None else None
         # While training, the score reads the map without sending gradient into it (unless
         # `score_map_grad`): the map is taught by L_map alone, so the ranking and alignment losses
@@ -467,8 +545,10 @@ class FinPercepRM(nn.Module):
         """A new model at stage ``k + 1``: every existing parameter and buffer copied, the new
         (finer) level's lateral conv zero-initialised and its fusion block the identity, so the
         map starts as the old one refined (from stage 0: the map head is zero, M = 0.5 and, with
-        a masked pool, the score is unchanged up to ``pool_eps``). The current model is left
-        untouched; the new one has its mode (train / eval)."""
+        a masked pool, the score is unchanged up to ``pool_eps``). Growing into the last stage of a
+        config with ``fullres_channels`` also adds the full-resolution branch, whose output conv
+        starts at zero (it adds nothing yet). The current model is left untouched; the new one has
+        its mode (train / eval), device and dtype (not its memory format)."""
         if self.stage >= len(self.cfg.levels):
             raise ValueError(f"model is already at the last stage {self.stage} (len(levels) = {len(self.cfg.levels)})")
         new = FinPercepRM(replace(self.cfg, decoder_stage=self.stage + 1), load_backbone_weights=False)
@@ -483,7 +563,7 @@ class FinPercepRM(nn.Module):
                 nn.init.zeros_(new.decoder.lateral[f"s{lv}"].weight)
                 nn.init.zeros_(new.decoder.lateral[f"s{lv}"].bias)
             new.decoder.fuse[f"s{lv}"].init_identity()
-            expected = {k for k in missing if f".s{lv}." in k}
+            expected = {k for k in missing if f".s{lv}." in k or k.startswith("decoder.fullres.")}
             assert set(missing) == expected, f"grow: missing keys {sorted(set(missing) - expected)}"
         new.train(self.training)
         return new
@@ -505,9 +585,13 @@ class FinPercepRM(nn.Module):
 def decoder_reach(model: FinPercepRM) -> int:
     """Pixels (per axis) beyond which the decoder's output no longer depends on its input
     features: each active level adds at most one cell of its stride for the 3x3 fusion and one for
-    the bilinear upsampling out of it (conservative). 0 at stage 0."""
+    the bilinear upsampling out of it (conservative); the full-resolution branch adds one pixel per
+    3x3 conv at stride 1 (``fullres_layers`` on the image, one fusion conv after the upsampling).
+    0 at stage 0. E.g. the v1 levels (1, 2, 4, 5): 2 * (4 + 8 + 16 + 32) = 120 px; the v2 levels
+    (0, 1, 2, 4, 5) with a 2-layer branch: 124 + 3 = 127 px."""
     spec = BACKBONES[model.cfg.backbone]
-    return sum(2 * spec.stages[lv][0] for lv in model.cfg.active_levels)
+    reach = sum(2 * spec.stages[lv][0] for lv in model.cfg.active_levels)
+    return reach + (model.cfg.fullres_layers + 1 if model.cfg.has_fullres else 0)
 
 
 def default_tile_context(model: FinPercepRM) -> int:
@@ -560,12 +644,14 @@ def score_image_tiled(model: FinPercepRM, x: torch.Tensor, tile: int = 512, cont
        than the image, so cheap in memory);
     3. the decoder runs tile-wise on crops of those feature maps with the same context (its reach,
        :func:`decoder_reach`, is at most ``context``), and the cores of the logits are stitched;
+       a full-resolution branch (v2) runs on the matching crop of the padded image;
     4. the score is :meth:`FinPercepRM.pool_score` of the stitched ``f_N`` and map, the same formula
        as ``forward``.
 
     Memory: one crop of ``(tile + 2 context)^2`` px through the shallow stages, plus whole-image
-    tensors of ~7 floats per pixel (map, padded input, stored shallow decoder levels); a
-    whole-image pass holds ~24 floats per pixel in EfficientNet-Lite0's stride-2 stage alone.
+    tensors of ~7 floats per pixel (map, padded input, stored shallow decoder levels; 4 more with
+    the stride-2 level of v2); a whole-image pass holds ~24 floats per pixel in EfficientNet-Lite0's
+    stride-2 stage alone.
     ``tile`` and ``context`` must be multiples of the model stride (32); ``context`` defaults to
     :func:`default_tile_context` (128 px) and must cover the decoder's reach. Measured deviation from
     ``model(x)`` on 600x700 photos, ``tile=256``: see ``TILED_TOL`` in ``tests/test_reward_model.py``.
@@ -618,7 +704,7 @@ def score_image_tiled(model: FinPercepRM, x: torch.Tensor, tile: int = 512, cont
         for lv in cfg.active_levels:
             st = spec.stages[lv][0]
             crop[lv] = store[lv][..., ya // st : yb // st, xa // st : xb // st]
-        lt = model.decode(crop, (yb - ya, xb - xa))
+        lt = model.decode(crop, x_pad[..., ya:yb, xa:xb])
         logits[..., y0:y1, x0:x1] = lt[..., y0 - ya : y1 - ya, x0 - xa : x1 - xa]
     # 4. The score, as in forward.
     m_pad = torch.sigmoid(logits)
@@ -633,6 +719,21 @@ MODEL_TYPE = "finpercep-rm"
 """The ``model_type`` of a FinPercep-RM ``config.json``."""
 
 
+V2_FIELDS = ("fullres_channels", "fullres_layers")
+"""Fields added to :class:`RMConfig` after checkpoints were already being saved (v2)."""
+
+
+def config_record(cfg: RMConfig) -> dict:
+    """``cfg`` as written into ``config.json``: :func:`finpercep.config.to_dict` without the
+    :data:`V2_FIELDS` left at their defaults, so a v1 model keeps the exact ``config.json`` of the
+    checkpoints saved before v2 (``tests/test_old_checkpoints.py``); missing fields load as defaults."""
+    rec, ref = to_dict(cfg), to_dict(RMConfig())
+    for name in V2_FIELDS:
+        if rec[name] == ref[name]:
+            del rec[name]
+    return rec
+
+
 def save_pretrained(model: FinPercepRM, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a checkpoint folder (:func:`finpercep.io.save_pretrained`: ``config.json``
     ``{"model_type": "finpercep-rm", "format_version": 1, "config": RMConfig}`` + ``model.safetensors``,
@@ -640,7 +741,7 @@ def save_pretrained(model: FinPercepRM, folder: str | Path, dtype: torch.dtype |
     checkpoint). Returns ``folder``; ValueError when ``model`` is not a FinPercepRM."""
     if not isinstance(model, FinPercepRM):
         raise ValueError(f"save_pretrained expects a FinPercepRM, got {type(model).__name__}")
-    return save_folder(model, folder, {"model_type": MODEL_TYPE, "config": to_dict(model.cfg)}, dtype=dtype)
+    return save_folder(model, folder, {"model_type": MODEL_TYPE, "config": config_record(model.cfg)}, dtype=dtype)
 
 
 def load_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> FinPercepRM:

@@ -29,10 +29,18 @@ Design notes:
   so a rerun after a kill logs each step once.
 - A non-finite loss (e.g. a NaN ground-truth map) stops the run with
   :class:`finpercep.types.NonFiniteError` naming the stage, step and last good checkpoint.
+- **Stabilisers for an encoder trained in every stage (v2, ours; all off by default).** The
+  alignment target is the frozen ``RM_0`` (always); the encoder has its own, lower learning rate
+  (``backbone_lr`` / ``grown_backbone_lr``); the gradient norm is clipped (``max_grad_norm``); each
+  loss term can be divided by a running mean of its magnitude (``loss_norm_decay``,
+  :class:`finpercep.reward.losses.LossNormalizer`); and an exponential moving average of the
+  weights (``ema_decay``, :class:`WeightEMA`) is what a stage saves, validates and grows from.
+  Checkpoints hold the EMA and the loss means, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -46,8 +54,8 @@ import torch.distributed as dist
 from finpercep.config import check_at_least, check_positive, to_dict
 from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
 from finpercep.io import CKPT_DIR, save_json
-from finpercep.reward.losses import RMLossConfig, total_loss
-from finpercep.reward.model import FinPercepRM, RMConfig, load_pretrained, save_pretrained
+from finpercep.reward.losses import LossNormalizer, RMLossConfig, total_loss
+from finpercep.reward.model import FinPercepRM, RMConfig, config_record, load_pretrained, save_pretrained
 from finpercep.runs import (
     TRAIN_CONFIG,
     append_metrics,
@@ -112,6 +120,24 @@ class RMTrainConfig:
     """Seeds model initialisation and the data order."""
     amp: Literal["none", "bf16", "fp16"] = "none"
     """Autocast precision (GPU); ``none`` = float32."""
+    max_grad_norm: float = 5.0
+    """Clip the global gradient norm (encoder, decoder and head together) to this before each step."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (:class:`WeightEMA`, decay in (0, 1),
+    warmed up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates); the EMA weights are what
+    a stage saves, validates and grows the next stage from. ``None`` = no EMA (the v1 recipe)."""
+    loss_norm_decay: float | None = None
+    """Loss normalisation (:mod:`finpercep.reward.losses`): divide each loss term by the running
+    mean of its magnitude, with this decay in [0, 1) (about ``1 / (1 - decay)`` steps of memory), so
+    the map loss cannot dominate the others. ``None`` = the plain weighted sum (the paper, v1)."""
+    loss_norm_floor: float = 0.01
+    """Smallest divisor of loss normalisation, > 0: a term whose running mean falls below it (a
+    mostly satisfied hinge, an alignment already met) is not blown up into a large gradient."""
+    channels_last: bool = False
+    """Train in the channels-last memory format (model and inputs): the same losses and gradients up
+    to float rounding (not bit for bit); faster in 2 of 3 runs of ``benchmarks/rm_train_speed.py`` on
+    a loaded 2-core CPU (``docs/reward_model.md``, v2). Off by default so that runs started before
+    it resume bit for bit; the v2 recipe turns it on."""
 
     def __post_init__(self) -> None:
         n = len(self.model.levels)
@@ -128,6 +154,13 @@ class RMTrainConfig:
         check_positive("RMTrainConfig", learning_rate=self.learning_rate)
         if self.grown_backbone_lr is not None:
             check_at_least("RMTrainConfig", 0, grown_backbone_lr=self.grown_backbone_lr)
+        check_positive("RMTrainConfig", max_grad_norm=self.max_grad_norm)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"RMTrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.loss_norm_decay is not None and not 0 <= self.loss_norm_decay < 1:
+            raise ValueError(f"RMTrainConfig.loss_norm_decay must be in [0, 1) or None, "
+                             f"got {self.loss_norm_decay}")
+        check_positive("RMTrainConfig", loss_norm_floor=self.loss_norm_floor)
         if self.crop is not None and self.crop < 32:
             raise ValueError(f"crop must be >= 32 or None, got {self.crop}")
         if not 0 <= self.val_fraction < 1:
@@ -200,12 +233,66 @@ def split_records(data: Path, val_data: Path | None, cfg: RMTrainConfig) -> tupl
 # ----------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Path, model: FinPercepRM, opt: torch.optim.Optimizer, stage: int, step: int) -> Path:
+def save_checkpoint(
+    run: Path, model: FinPercepRM, opt: torch.optim.Optimizer, stage: int, step: int, extra: dict | None = None
+) -> Path:
     """``RUN/ckpt/s{stage}-{step}/`` (model + ``trainer.pt``) + ``LATEST``; older checkpoints are
-    removed afterwards (:func:`finpercep.runs.save_trainer_state`)."""
+    removed afterwards (:func:`finpercep.runs.save_trainer_state`). ``extra``: more trainer state
+    (``ema``, ``loss_norm``), tensors and plain values only."""
     folder = Path(run) / CKPT_DIR / f"s{stage}-{step:07d}"
     save_pretrained(model, folder)
-    return save_trainer_state(run, folder, {"stage": stage, "step": step, "optimizer": opt.state_dict()})
+    state = {"stage": stage, "step": step, "optimizer": opt.state_dict(), **(extra or {})}
+    return save_trainer_state(run, folder, state)
+
+
+V2_FIELDS = ("max_grad_norm", "ema_decay", "loss_norm_decay", "loss_norm_floor", "channels_last")
+"""Fields added to :class:`RMTrainConfig` after runs were already being saved (v2)."""
+
+
+def run_record(cfg: RMTrainConfig) -> dict:
+    """``cfg`` as saved in ``RUN/train_config.json`` and compared on resume: :func:`to_dict` without
+    the fields of :data:`V2_FIELDS` (and the model's, :func:`finpercep.reward.model.config_record`)
+    that are at their defaults, so a run folder started before they existed (its file lacks them)
+    still resumes with the settings it was started with."""
+    rec, ref = to_dict(cfg), to_dict(RMTrainConfig())
+    for name in V2_FIELDS:
+        if rec[name] == ref[name]:
+            del rec[name]
+    rec["model"] = config_record(cfg.model)
+    return rec
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights (Polyak averaging; the "mean teacher" of
+    Tarvainen & Valpola 2017), a v2 stabiliser of ours: ``module`` holds a frozen copy updated by
+    ``w_ema <- d w_ema + (1 - d) w`` after every optimiser step, ``d = min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates (short stages are not dominated by the initial weights). Floating buffers are
+    averaged too, the others copied. Its weights are what a stage saves (``RMTrainConfig.ema_decay``)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"WeightEMA: decay must be in (0, 1), got {decay}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        mine, theirs = self.module.state_dict(), model.state_dict()
+        for k, v in mine.items():
+            if v.is_floating_point():
+                v.lerp_(theirs[k].detach(), 1 - d)
+            else:
+                v.copy_(theirs[k])
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"weights": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])
 
 
 def stage_dir(run: Path, k: int) -> Path:
@@ -254,7 +341,11 @@ def validate(model: FinPercepRM, val: Triplets, device: torch.device, batch: int
 # ----------------------------------------------------------------------------------------------
 
 
-def _optimizer(model: FinPercepRM, cfg: RMTrainConfig, stage: int) -> torch.optim.Optimizer:
+def build_optimizer(model: FinPercepRM, cfg: RMTrainConfig, stage: int) -> torch.optim.Optimizer:
+    """AdamW for stage ``stage`` with two parameter groups, each with its ``base_lr`` (the warm-up
+    scales ``lr`` from it): the decoder and score head at ``learning_rate``, the encoder at
+    ``backbone_lr`` (stage 0) or ``grown_backbone_lr`` (later stages; 0 freezes it: its parameters
+    get ``requires_grad = False`` and no group)."""
     enc_lr = cfg.backbone_lr if stage == 0 or cfg.grown_backbone_lr is None else cfg.grown_backbone_lr
     model.backbone.requires_grad_(enc_lr > 0)
     enc = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
@@ -275,6 +366,8 @@ def rm_train_step(
     max_grad_norm: float = 5.0,
     amp: torch.dtype | None = None,
     ddp: torch.nn.Module | None = None,
+    loss_norm: LossNormalizer | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """One optimiser step of FinPercep-RM on ``B`` triplets (arXiv 2512.22647, Sec. 3): HR, syn and
     SR through the model in one pass, ``L = l_rank L_rank + l_map L_map + l_align |S(HR) -
@@ -292,21 +385,30 @@ def rm_train_step(
         amp: autocast dtype (``torch.bfloat16`` / ``torch.float16``); ``None`` = float32.
         ddp: ``model`` wrapped in ``DistributedDataParallel`` (multi-process training), used for
             the forward pass so gradients are averaged over processes.
+        loss_norm: running means of the loss terms (``RMTrainConfig.loss_norm_decay``): the terms are
+            divided by its ``scales()``, and it is updated with this step's terms after the step.
+        channels_last: pass the images in the channels-last memory format (for a model converted
+            with ``model.to(memory_format=torch.channels_last)``).
 
     Returns the loss terms as floats (``loss/total``, ``loss/rank``, ``loss/map``, ``loss/align``,
-    ``rank/ordered``, ``score/*``) and ``grad_norm``, the gradient norm before clipping.
+    ``rank/ordered``, ``score/*``, with ``loss_norm`` also ``loss_scale/*``) and ``grad_norm``, the
+    gradient norm before clipping.
     Raises :class:`NonFiniteError` (``non-finite loss/map``, naming the non-finite terms) before
     any gradient is taken, so the model and the optimiser are left as they were.
     """
     n = len(batch)
     with torch.autocast(batch.hr.device.type, dtype=amp, enabled=amp is not None):
-        out = (ddp or model)(torch.cat([batch.hr, batch.syn, batch.sr]))  # (3B, ...): HR, syn, SR
+        x = torch.cat([batch.hr, batch.syn, batch.sr])  # (3B, 3, H, W): HR, syn, SR
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = (ddp or model)(x)
         outs = [_slice(out, i * n, (i + 1) * n) for i in range(3)]
         base_gt = None
         if base is not None:
             with torch.no_grad():
-                base_gt = base(batch.hr).score.float()  # RM_0's scale, the alignment target
-        loss, logs = total_loss(outs[0], outs[1], outs[2], batch.map_syn, base_gt, loss_cfg)
+                base_gt = base(x[:n]).score.float()  # RM_0's scale, the alignment target
+        scales = loss_norm.scales() if loss_norm is not None else None
+        loss, logs = total_loss(outs[0], outs[1], outs[2], batch.map_syn, base_gt, loss_cfg, scales)
     if not bool(torch.isfinite(loss)):
         bad = [k for k, v in logs.items() if k.startswith("loss/") and not np.isfinite(v)] or ["loss/total"]
         raise NonFiniteError(f"non-finite {', '.join(bad)}")
@@ -314,6 +416,8 @@ def rm_train_step(
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     opt.step()
+    if loss_norm is not None:
+        loss_norm.update(logs)
     return {**logs, "grad_norm": float(grad_norm)}
 
 
@@ -340,7 +444,7 @@ def train_reward_model(
     data, run = Path(data), Path(run)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        check_config(run, TRAIN_CONFIG, {"config": to_dict(cfg), "data": str(data)}, compare="config")
+        check_config(run, TRAIN_CONFIG, {"config": run_record(cfg), "data": str(data)}, compare="config")
     barrier()
     train_recs, val_recs, val_root = split_records(data, Path(val_data) if val_data else None, cfg)
     pixel_only = cfg.gt_map == "pixel_only"
@@ -348,6 +452,7 @@ def train_reward_model(
     val_set = Triplets(val_root, val_recs, pixel_only)
     resume = load_trainer_state(run, keys=("stage", "step", "optimizer"))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     steps_done = 0
     base: FinPercepRM | None = None
     model: FinPercepRM | None = None
@@ -356,7 +461,7 @@ def train_reward_model(
         if stage_done(run, k):
             model = load_pretrained(stage_dir(run, k), map_location=dev)
             if k == 0:
-                base = load_pretrained(stage_dir(run, 0), map_location=dev).requires_grad_(False)
+                base = load_pretrained(stage_dir(run, 0), map_location=dev).requires_grad_(False).to(memory_format=fmt)
             folders.append(stage_dir(run, k))
             continue
         # A new stage: RM_0 from the pretrained encoder, RM_k grown from RM_{k-1}.
@@ -365,13 +470,22 @@ def train_reward_model(
             model = FinPercepRM(replace(cfg.model, decoder_stage=0)).to(dev)
         else:
             model = model.grow()
-        opt = _optimizer(model, cfg, k)
+        model = model.to(memory_format=fmt)
+        opt = build_optimizer(model, cfg, k)
+        # v2 stabilisers (module docstring); both are per stage, like the optimiser.
+        ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        loss_norm = (LossNormalizer(cfg.loss_norm_decay, cfg.loss_norm_floor)
+                     if cfg.loss_norm_decay is not None else None)
         start = 0
         if resume is not None and resume[1]["stage"] == k:
             folder, state = resume
             model.load_state_dict(load_pretrained(folder, map_location=dev).state_dict())
-            opt = _optimizer(model, cfg, k)
+            opt = build_optimizer(model, cfg, k)
             opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            if loss_norm is not None:
+                loss_norm.load_state_dict(state["loss_norm"])
             start = int(state["step"])
             log.info("resuming stage %d at step %d from %s", k, start, folder)
         if rank == 0:
@@ -389,11 +503,14 @@ def train_reward_model(
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             try:
-                logs = rm_train_step(model, b, cfg.loss, opt, base=base, max_grad_norm=5.0, amp=amp, ddp=ddp)
+                logs = rm_train_step(model, b, cfg.loss, opt, base=base, max_grad_norm=cfg.max_grad_norm, amp=amp,
+                                     ddp=ddp, loss_norm=loss_norm, channels_last=cfg.channels_last)
             except NonFiniteError as e:  # e.g. a NaN ground-truth map
                 raise NonFiniteError(f"stage {k} step {step + 1}: {e}; the run stops here ({last_checkpoint_note(run)}; "
                                      "nothing was overwritten); check the data set (`finpercep data check`) or lower "
                                      "the learning rate") from None
+            if ema is not None:
+                ema.update(model)
             steps_done += 1
             bar.advance(loss=f"{logs['loss/total']:.3f}")
             if world > 1:  # log the global batch, not rank 0's slice of it
@@ -404,17 +521,22 @@ def train_reward_model(
                 append_metrics(run, {"stage": k, "step": step + 1, **logs, "lr": opt.param_groups[0]["lr"],
                                      "time/step": (now - t_last) / cfg.log_every})
                 t_last = now
+            # The stabilisers' state only when there is some: the call stays the v1 one otherwise.
+            extra = _stabiliser_state(ema, loss_norm)
+            ckpt = (run, model, opt, k, step + 1) + ((extra,) if extra else ())
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < n_steps:
                 if rank == 0:
-                    save_checkpoint(run, model, opt, k, step + 1)
+                    save_checkpoint(*ckpt)
                 barrier()
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 if rank == 0:
-                    save_checkpoint(run, model, opt, k, step + 1)
+                    save_checkpoint(*ckpt)
                 bar.close()
                 destroy()
                 return folders
         bar.close()
+        if ema is not None:  # the stage's result is the averaged model: saved, validated, grown from
+            model = ema.module
         model.eval()
         if rank == 0:
             save_pretrained(model, stage_dir(run, k))
@@ -425,10 +547,20 @@ def train_reward_model(
             log.info("stage %d done: %s", k, res)
         barrier()
         if k == 0:
-            base = load_pretrained(stage_dir(run, 0), map_location=dev).requires_grad_(False)
+            base = load_pretrained(stage_dir(run, 0), map_location=dev).requires_grad_(False).to(memory_format=fmt)
         folders.append(stage_dir(run, k))
     destroy()
     return folders
+
+
+def _stabiliser_state(ema: WeightEMA | None, loss_norm: LossNormalizer | None) -> dict:
+    """The trainer state of the v2 stabilisers that are on (``ema``, ``loss_norm``), for ``trainer.pt``."""
+    state = {}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if loss_norm is not None:
+        state["loss_norm"] = loss_norm.state_dict()
+    return state
 
 
 def _slice(out: RewardOutput, a: int, b: int) -> RewardOutput:
