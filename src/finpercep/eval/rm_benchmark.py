@@ -57,7 +57,7 @@ SENSITIVITY_AREAS: tuple[float, ...] = (0.01, 0.03, 0.10)
 CLASSIC_METRICS: dict[str, str] = {"niqe": "NIQE", "brisque": "BRISQUE", "piqe": "PIQE"}
 """Classic no-reference baselines (keys of ``finpercep.baselines.METRICS``) -> display name."""
 
-FAMILY_KINDS: tuple[str, ...] = ("real", "interpolation", "procedural", "user")
+FAMILY_KINDS: tuple[str, ...] = ("real", "interpolation", "procedural", "negative", "user")
 """``SRFamily.kind`` values, the groups of the per-kind breakdowns."""
 
 GT_REFERENCE = "M_gt (reference)"
