@@ -9,15 +9,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from finpercep.config import load_config
 from finpercep.data.builder import BuildConfig, build_dataset
+from finpercep.data.negatives import NEGATIVE_EDITS, random_negative_edits
 from finpercep.io import latest_checkpoint
-from finpercep.reward.losses import LossNormalizer, RMLossConfig
+from finpercep.reward.losses import LossNormalizer, RMLossConfig, below_loss
 from finpercep.reward.model import RMConfig, load_pretrained
-from finpercep.reward.train import RMTrainConfig, WeightEMA, rm_train_step, run_record, train_reward_model
+from finpercep.reward.train import (
+    RMTrainConfig,
+    WeightEMA,
+    pixel_ascent,
+    rm_train_step,
+    run_record,
+    train_reward_model,
+)
 from finpercep.types import NonFiniteError, Triplet
 
 SRC = str(Path(__file__).parents[1] / "src")
@@ -295,3 +304,83 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     for k in (0, 1):
         assert load_pretrained(tmp_path / "ddp" / f"stage_{k}").stage == k
+
+
+# ---------------------------------------------------------------------------------------------
+# v2 anti-gaming terms: edit ranking and pixel-space adversarial ranking
+
+
+def test_random_negative_edits_are_reproducible_and_change_every_image():
+    hr = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    a, names = random_negative_edits(hr, np.random.default_rng(3))
+    b, names_b = random_negative_edits(hr, np.random.default_rng(3))
+    assert torch.equal(a, b) and names == names_b and len(names) == 4 and set(names) <= set(NEGATIVE_EDITS)
+    assert a.shape == hr.shape and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert all((a[i] - hr[i]).abs().mean() > 1e-3 for i in range(4))  # severity >= 0.1: never the identity
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        random_negative_edits(hr[0], np.random.default_rng(0))
+
+
+def test_below_loss_is_the_hinge_of_the_score_gap():
+    s_gt, s_neg = torch.tensor([5.0, 1.0]), torch.tensor([1.0, 0.5])
+    assert float(below_loss(s_gt, s_neg, 2.0)) == pytest.approx((0.0 + 1.5) / 2)
+    with pytest.raises(ValueError, match="below_loss"):
+        below_loss(s_gt, s_neg[:1], 1.0)
+
+
+def test_pixel_ascent_raises_the_score_within_the_ball_and_leaves_the_model(tiny_rm_run):
+    model = load_pretrained(tiny_rm_run / "stage_2").train()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    eps = 4 / 255
+    adv = pixel_ascent(model, x, eps, steps=3, generator=torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= eps + 1e-6 and 0 <= adv.min() and adv.max() <= 1 and not adv.requires_grad
+    with torch.no_grad():
+        assert (model(adv).score > model(x).score).all()
+    assert all(p.grad is None for p in model.parameters())
+    again = pixel_ascent(model, x, eps, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adv, again)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        pixel_ascent(model, x, 0.0, steps=1)
+
+
+def test_rm_train_step_adds_the_edit_and_adversarial_terms(tiny_rm_run):
+    model, base = load_pretrained(tiny_rm_run / "stage_1").train(), load_pretrained(tiny_rm_run / "stage_0")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    b = _triplet(4)
+    edits, _ = random_negative_edits(b.hr, np.random.default_rng(0))
+    cfg = RMLossConfig()
+    plain = rm_train_step(load_pretrained(tiny_rm_run / "stage_1").train(), b, cfg,
+                          torch.optim.AdamW(model.parameters(), lr=0.0), base=base)
+    logs = rm_train_step(model, b, cfg, opt, base=base, edits=edits, edit_weight=0.5, adversarial_weight=2.0,
+                         adversarial_steps=2, adversarial_eps=2 / 255, generator=torch.Generator().manual_seed(0))
+    assert {"loss/edit", "loss/adv", "score/edit", "score/adv"} <= set(logs)
+    for term in ("edit", "adv"):
+        gap = logs["score/gt"] - logs[f"score/{term}"]
+        assert logs[f"loss/{term}"] >= max(0.0, cfg.m1 + cfg.m2 - gap) - 1e-5  # the hinge of the mean gap, at least
+    # The main terms are unchanged by the extra images; the total adds the weighted hinges.
+    for key in ("loss/rank", "loss/map", "loss/align"):
+        assert logs[key] == pytest.approx(plain[key], rel=1e-5)
+    assert logs["loss/total"] == pytest.approx(plain["loss/total"] + 0.5 * logs["loss/edit"] + 2.0 * logs["loss/adv"],
+                                               rel=1e-5)
+    # Weights at 0 (the default) are the v1 step, to the bit.
+    off = [rm_train_step(load_pretrained(tiny_rm_run / "stage_1").train(), b, cfg,
+                         torch.optim.AdamW(model.parameters(), lr=0.0), base=base, **kw)
+           for kw in ({}, {"edits": edits, "edit_weight": 0.0, "adversarial_weight": 0.0})]
+    assert off[0] == off[1]
+
+
+def test_trainer_runs_the_anti_gaming_terms_and_resumes_exactly(tiny_data, tmp_path):
+    cfg = tiny_cfg(edit_negatives=1.0, adversarial_weight=1.0, adversarial_steps=1, stages=1, steps_per_stage=(2,))
+    whole = train_reward_model(tiny_data, tmp_path / "a", cfg, progress=False)
+    train_reward_model(tiny_data, tmp_path / "b", cfg, progress=False, stop_after_steps=3)
+    parts = train_reward_model(tiny_data, tmp_path / "b", cfg, progress=False)
+    a, b = state(whole[-1]), state(parts[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss/edit" in l and "loss/adv" in l for l in lines if "loss/total" in l)
+    rec = run_record(cfg)
+    assert rec["edit_negatives"] == 1.0 and rec["adversarial_weight"] == 1.0
+    assert not {"edit_negatives", "adversarial_weight", "adversarial_steps", "adversarial_eps"} & set(
+        run_record(RMTrainConfig()))
+    with pytest.raises(ValueError, match="adversarial_eps"):
+        RMTrainConfig(adversarial_eps=0.0)

@@ -96,11 +96,20 @@ def test_report_has_every_scorer_group_and_target(bench) -> None:
         if name != "NIQE":
             assert 0.0 <= o["all"]["accuracy"] <= 1.0 and o["all"]["n"] == 8
     assert rep["ordering"]["NIQE"]["all"]["accuracy"] is None and rep["ordering"]["NIQE"]["all"]["n_undefined"] == 8
-    # the four targets, speed not measured
-    assert len(rep["targets"]) == 4
-    assert all(t["status"] in ("reached", "not reached", "not measured") for t in rep["targets"])
+    # issue #11's targets: held-out and worst-family AUROC, ordering, drops at 1 / 3 %, gain over RM_0, speed
+    targets = {t["name"].split(" (")[0]: t for t in rep["targets"]}
+    assert len(rep["targets"]) == 8
+    assert all(t["status"] in ("goal reached", "reached", "not reached", "not measured") for t in rep["targets"])
     assert rep["targets"][-1]["status"] == "not measured" and rep["speed"] is None
-    assert rep["targets"][0]["value"] == rep["map_quality"][f"RM_{STAGES}"]["held-out"]["pixel_auroc"]
+    final = f"RM_{STAGES}"
+    assert rep["targets"][0]["value"] == rep["map_quality"][final]["held-out"]["pixel_auroc"]
+    per_family = rep["map_quality"][final]["per_family"]
+    worst = targets["map AUROC, worst single family"]
+    assert worst["value"] == min(s["pixel_auroc"] for s in per_family.values() if s["pixel_auroc"] is not None)
+    gain = targets[f"{final} minus RM_0, local drop at 3%"]
+    d = {n: rep["sensitivity"][n]["3%"]["all"]["drop_fraction"] for n in (final, "RM_0")}
+    assert gain["value"] == pytest.approx(d[final] - d["RM_0"]) and gain["unit"] == "points"
+    assert gain["must"] == ">= +5 points" and targets["score drops at 1% swapped area"]["must"] == ">= 85 %"
 
 
 def test_raw_numbers_are_consistent_with_the_tables(bench) -> None:
@@ -191,3 +200,43 @@ def test_speed_runs_both_networks_in_subprocesses(bench) -> None:
         assert x["memory_method"] in ("exact", "lower_bound")
     assert "map" in sp["rm"]["what"]
     assert sp["ratio"] == pytest.approx(sp["rm"]["ms_median"] / sp["stlpips"]["ms_median"])
+
+
+def test_target_rows_tell_must_reach_from_goal() -> None:
+    from finpercep.eval.rm_benchmark import _fmt_target, _target
+
+    assert _target("auroc", 0.96, 0.90, 0.95)["status"] == "goal reached"
+    row = _target("auroc", 0.92, 0.90, 0.95)
+    assert row["status"] == "reached" and row["reached"] and row["must"] == ">= 0.9" and row["goal"] == ">= 0.95"
+    assert _target("auroc", 0.5, 0.90, 0.95)["status"] == "not reached"
+    assert _target("auroc", None, 0.90, 0.95)["status"] == "not measured"
+    speed = _target("time", 0.4, 0.5, None, below=True)
+    assert speed["status"] == "reached" and speed["must"] == "<= 0.5" and speed["goal"] == ""
+    assert _target("time", 0.6, 0.5, None, below=True)["status"] == "not reached"
+    gain = _target("gain", -0.125, 0.05, None, unit="points", detail="RM_0 80.0 %")
+    assert gain["status"] == "not reached" and _fmt_target(gain) == "-12.5 points (RM_0 80.0 %)"
+    assert _fmt_target(_target("order", 0.6875, 0.9, 0.95, unit="%")) == "68.8 %"
+
+
+def test_ablation_page_puts_both_benchmarks_side_by_side(bench, tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("rm_ablation", Path(__file__).parents[1] / "benchmarks" / "rm_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    check = {"below": 1.0, "n": 3}
+    hack = {"setup": {"command": "python benchmarks/rm_hackability.py --model m=run"},
+            "edits": {"m": {"black": check, "gamma 2.2": {"below": 0.5, "n": 3}}},
+            "whole_sr": {"m": {"bicubic": {"below": 0.96, "n": 3}}},
+            "ascent": {"m": {"reward": {"change": 2.5}, "psnr_y": {"change": -0.1}, "stlpips": {"change": 0.01},
+                             "above_hr_start": 0.25, "above_hr_end": 0.75}}}
+    (tmp_path / "hack.json").write_text(json.dumps(hack))
+    ev = bench["root"] / "results" / "rm_eval.json"
+    out = tmp_path / "abl.md"
+    assert script.main(["--row", f"m={ev}", "--hack", str(tmp_path / "hack.json"), "--out", str(out)]) == 0
+    md, rep = out.read_text(), json.loads(out.with_suffix(".json").read_text())
+    auroc = bench["report"]["map_quality"][f"RM_{STAGES}"]["held-out"]["pixel_auroc"]
+    assert f"| m | {auroc:.3f} |" in md and "1 / 2 (worst gamma 2.2 50.0 %)" in md and "+2.50 | 25 % -> 75 % |" in md
+    rows = {t["name"].split(" (")[0]: t for t in rep["targets"]}
+    assert rows["HR above each edit"]["status"] == "not reached" and rows["HR above each edit"]["detail"] == "gamma 2.2"
+    assert rows["whole real-SR output below its HR"]["status"] == "reached"
+    with pytest.raises(SystemExit, match="model 'x' is not in the hackability JSON"):
+        script.main(["--row", f"x={ev}", "--hack", str(tmp_path / "hack.json"), "--out", str(out)])

@@ -146,3 +146,26 @@ def negative_family(name: str, severity_range: tuple[float, float] = NEGATIVE_SE
 
 NEGATIVE_FAMILIES: dict[str, SRFamily] = {name: negative_family(name) for name in NEGATIVE_EDITS}
 """One SR family per negative edit, severity ~ U[0.1, 1.0]."""
+
+
+def random_negative_edits(
+    hr: torch.Tensor, rng: np.random.Generator, severity_range: tuple[float, float] = NEGATIVE_SEVERITY_RANGE
+) -> tuple[torch.Tensor, list[str]]:
+    """One random negative edit of every image of a batch, for the reward model's edit-ranking term
+    (``RMTrainConfig.edit_negatives``; ours).
+
+    ``hr`` ``(B, 3, H, W)`` float in [0, 1] (H, W >= 16); for each image an edit of
+    :data:`NEGATIVE_EDITS` (uniform) at severity ~ ``U(severity_range)``, all drawn from ``rng`` in
+    image order, so the result depends only on ``rng``'s state and the images. Returns the edited
+    batch ``(B, 3, H, W)`` float32 in [0, 1] on ``hr``'s device and the edit names.
+    """
+    if not isinstance(hr, torch.Tensor) or hr.ndim != 4 or hr.shape[1] != 3:
+        raise ValueError(f"random_negative_edits: expected a (B, 3, H, W) tensor, got {getattr(hr, 'shape', type(hr))}")
+    names = list(NEGATIVE_EDITS)
+    out, chosen = [], []
+    for img in hr.detach().float().cpu():
+        name = names[int(rng.integers(len(names)))]
+        severity = float(rng.uniform(*severity_range))
+        out.append(NEGATIVE_EDITS[name](img, severity, rng)[0])
+        chosen.append(name)
+    return torch.stack(out).to(hr.device), chosen

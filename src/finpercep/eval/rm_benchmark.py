@@ -68,13 +68,16 @@ ground-truth map itself finds the swap mask (an upper reference for AUROC / AP /
 DEFAULT_HELD_OUT: tuple[str, ...] = ("realsr", "seams")
 """Families the embedded recipe leaves out of training (``configs/rm_embedded.yaml``)."""
 
-# The project's targets for the reward model. "Clearly worse" is not quantified; ours: every global
-# baseline's 3 % drop fraction at least CLEARLY_WORSE_MARGIN below the final RM's.
-TARGET_HELD_OUT_AUROC = 0.95
-TARGET_ORDER_ACCURACY = 0.95
-TARGET_DROP_AT_3 = 0.90
-CLEARLY_WORSE_MARGIN = 0.10
-TARGET_SPEED_RATIO = 1.0
+# The reward model's targets (issue #11, "FinPercep-RM v2"): (name, must reach, goal); None = no goal.
+# Scores and fractions are "higher is better" except the speed ratio.
+TARGET_HELD_OUT_AUROC = (0.90, 0.95)
+TARGET_WORST_FAMILY_AUROC = (0.75, 0.90)
+TARGET_ORDER_ACCURACY = (0.90, 0.95)
+TARGET_DROP = {0.01: (0.85, 0.95), 0.03: (0.92, 0.98)}
+TARGET_GAIN_OVER_RM0 = 0.05
+"""Local drop fraction of the final stage minus RM_0's, at 1 % and 3 % area (must reach; the paper's
+thesis: the fine-grained stages are more sensitive to a small local defect than the global one)."""
+TARGET_SPEED_RATIO = 0.5
 BUSY_LOAD = 1.0
 """1-minute load average before a speed measurement from which the report warns that the machine
 was busy (the measuring subprocess itself is not running yet at that point)."""
@@ -678,38 +681,60 @@ def build_report(
     return report
 
 
-def _target(name: str, value: float | None, target: str, reached: bool | None, detail: str = "") -> dict[str, Any]:
-    return {"name": name, "value": value, "target": target,
-            "reached": reached, "status": "not measured" if reached is None else ("reached" if reached else "not reached"),
-            "detail": detail}
+def _target(
+    name: str, value: float | None, must: float, goal: float | None, *, unit: str = "", below: bool = False,
+    detail: str = "",
+) -> dict[str, Any]:
+    """One target row: ``value`` against the must-reach and goal thresholds (``>=``, or ``<=`` when
+    ``below``); ``unit`` ``""``, ``"%"`` (a fraction shown in %) or ``"points"`` (a difference of
+    fractions shown in percentage points). ``status``: ``goal reached``, ``reached`` (the must-reach
+    row), ``not reached`` or ``not measured`` (``value`` None); ``reached``: the must-reach row met."""
+    def ok(t: float | None) -> bool:
+        return t is not None and value is not None and (value <= t if below else value >= t)
+
+    def show(t: float | None) -> str:
+        if t is None:
+            return ""
+        num = {"%": f"{t * 100:.0f} %", "points": f"{t * 100:+.0f} points"}.get(unit, f"{t:g}")
+        return ("<= " if below else ">= ") + num
+
+    status = "not measured" if value is None else "goal reached" if ok(goal) else "reached" if ok(must) else "not reached"
+    return {"name": name, "value": value, "unit": unit, "must": show(must), "goal": show(goal),
+            "reached": None if value is None else ok(must), "status": status, "detail": detail}
 
 
 def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The project's four targets, checked on the final RM (``None`` = not measured)."""
+    """The reward model's targets (issue #11: :data:`TARGET_HELD_OUT_AUROC` ..), checked on the final
+    RM; ``value`` None = not measured. The edit checks and the whole-SR check are
+    ``benchmarks/rm_hackability.py``'s (:mod:`finpercep.eval.edit_checks`)."""
     final = report["setup"]["final"]
     out = []
-    auroc = report["map_quality"].get(final, {}).get("held-out", {}).get("pixel_auroc")
-    out.append(_target(f"held-out-family map AUROC ({final})", auroc, f">= {TARGET_HELD_OUT_AUROC}",
-                       None if auroc is None else auroc >= TARGET_HELD_OUT_AUROC))
+    mq = report["map_quality"].get(final, {})
+    auroc = mq.get("held-out", {}).get("pixel_auroc")
+    out.append(_target(f"map AUROC vs swap mask, held-out families ({final})", auroc, *TARGET_HELD_OUT_AUROC))
+    fams = {f: s["pixel_auroc"] for f, s in mq.get("per_family", {}).items() if s.get("pixel_auroc") is not None}
+    worst = min(fams, key=fams.get) if fams else None
+    out.append(_target(f"map AUROC, worst single family ({final})", fams.get(worst), *TARGET_WORST_FAMILY_AUROC,
+                       detail=f"{worst}" if worst else ""))
     acc = report["ordering"][final]["all"]["accuracy"]
-    out.append(_target(f"ordering accuracy S_HR > S_syn > S_SR, all families ({final})", acc,
-                       f">= {TARGET_ORDER_ACCURACY * 100:.0f} %", None if acc is None else acc >= TARGET_ORDER_ACCURACY))
-    sens = report["sensitivity"].get(final, {}).get(area_key(0.03), {}).get("all", {}).get("drop_fraction")
-    if sens is None:
-        out.append(_target(f"score drops at 3 % artifact area ({final})", None, f">= {TARGET_DROP_AT_3 * 100:.0f} %", None))
-    else:
-        base = {b: report["sensitivity"][b][area_key(0.03)]["all"]["drop_fraction"]
-                for b in report["setup"]["global_baselines"] if b in report["sensitivity"] and b != final}
-        worse = all(v is not None and v <= sens - CLEARLY_WORSE_MARGIN for v in base.values())
-        detail = ", ".join(f"{b} {_fmt(v, pct=True)}" for b, v in base.items())
-        out.append(_target(
-            f"score drops at 3 % artifact area ({final}), global baselines clearly worse", sens,
-            f">= {TARGET_DROP_AT_3 * 100:.0f} %, every global baseline >= {CLEARLY_WORSE_MARGIN * 100:.0f} points lower",
-            sens >= TARGET_DROP_AT_3 and worse, f"global baselines: {detail}" if detail else ""))
+    out.append(_target(f"ordering S_HR > S_syn > S_SR, all families ({final})", acc, *TARGET_ORDER_ACCURACY,
+                       unit="%"))
+
+    def drop(name: str, area: float) -> float | None:
+        return report["sensitivity"].get(name, {}).get(area_key(area), {}).get("all", {}).get("drop_fraction")
+
+    for area, (must, goal) in TARGET_DROP.items():
+        out.append(_target(f"score drops at {area_key(area)} swapped area ({final})", drop(final, area), must, goal,
+                           unit="%"))
+    base = "RM_0" if "RM_0" in report["ordering"] and final != "RM_0" else None
+    for area in TARGET_DROP:
+        d, d0 = drop(final, area), drop(base, area) if base else None
+        gain = None if d is None or d0 is None else d - d0
+        out.append(_target(f"{final} minus RM_0, local drop at {area_key(area)}", gain, TARGET_GAIN_OVER_RM0, None,
+                           unit="points", detail="" if d0 is None else f"RM_0 {_fmt(d0, pct=True)}"))
     sp = report.get("speed")
-    ratio = sp["ratio"] if sp else None
-    out.append(_target("score + map time / ST-LPIPS AlexNet pair time (512x512)", ratio, f"<= {TARGET_SPEED_RATIO:g}",
-                       None if ratio is None else ratio <= TARGET_SPEED_RATIO))
+    out.append(_target("score + map time / ST-LPIPS AlexNet pair time (512x512)", sp["ratio"] if sp else None,
+                       TARGET_SPEED_RATIO, None, below=True))
     return out
 
 
@@ -727,6 +752,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[
     return lines
 
 
+def _fmt_target(t: dict[str, Any]) -> str:
+    """A target's measured value in its unit, with its detail (``0.745 (gamma)``, ``68.8 %``, ``-12.3 points``)."""
+    v = t["value"]
+    val = ("n/a" if v is None else f"{v * 100:+.1f} points") if t["unit"] == "points" else _fmt(v, pct=t["unit"] == "%")
+    return val + (f" ({t['detail']})" if t["detail"] else "")
+
+
 def render_markdown(report: dict[str, Any], command: str) -> str:
     """The results as markdown tables, the command line on top. Every number comes from ``report``."""
     st = report["setup"]
@@ -734,13 +766,10 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     final = st["final"]
     md = ["# Reward-model evaluation", "", f"`{command}`", ""]
 
-    md += ["## Targets", ""]
-    rows = []
-    for t in report["targets"]:
-        v = t["value"]
-        val = _fmt(v, digits=3) if "AUROC" in t["name"] or "time" in t["name"] else _fmt(v, pct=True)
-        rows.append([t["name"], val, t["target"], f"**{t['status']}**" + (f" ({t['detail']})" if t["detail"] else "")])
-    md += _table(["target", "measured", "goal", "status"], rows, left=(0, 2, 3)) + [""]
+    md += ["## Targets", "", "The reward model's targets (issue #11); the edit checks and the whole-SR check are "
+           "`benchmarks/rm_hackability.py`'s.", ""]
+    rows = [[t["name"], _fmt_target(t), t["must"], t["goal"], f"**{t['status']}**"] for t in report["targets"]]
+    md += _table(["target", "measured", "must reach", "goal", "status"], rows, left=(0, 2, 3, 4)) + [""]
 
     md += ["## Setup", ""]
     md += [f"- test data: `{st.get('test_data', '?')}`, {st['n_triplets']} triplets used of "
@@ -776,13 +805,13 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             if name == GT_REFERENCE:
                 r.append("(reference)")
             else:
-                r.append("n/a" if a is None else ("reached" if a >= TARGET_HELD_OUT_AUROC else "not reached"))
+                r.append("n/a" if a is None else ("reached" if a >= TARGET_HELD_OUT_AUROC[0] else "not reached"))
             rows.append(r)
         n_h = next(iter(report["map_quality"].values()))["held-out"]["n_images"]
         n_s = next(iter(report["map_quality"].values()))["seen"]["n_images"]
         md += _table(["model", f"held-out AUROC (n={n_h})", "held-out AP", "held-out MAE", "held-out IoU",
                       f"seen AUROC (n={n_s})", "seen AP", "seen MAE", "seen IoU",
-                      f"held-out AUROC >= {TARGET_HELD_OUT_AUROC}"], rows) + [""]
+                      f"held-out AUROC >= {TARGET_HELD_OUT_AUROC[0]} (must reach)"], rows) + [""]
         fin = report["map_quality"].get(final)
         if fin:
             md += [f"Per family ({final}):", ""]
@@ -799,12 +828,12 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
     for name, o in report["ordering"].items():
         r = [name] + [_fmt(o[g]["accuracy"], pct=True) for g in groups]
         a = o["all"]["accuracy"]
-        r.append("n/a" if a is None else ("reached" if a >= TARGET_ORDER_ACCURACY else "not reached"))
+        r.append("n/a" if a is None else ("reached" if a >= TARGET_ORDER_ACCURACY[0] else "not reached"))
         und = sum(o[g]["n_undefined"] for g in ("all",))
         if und:
             r[0] += f" ({und} undefined, left out)"
         rows.append(r)
-    md += _table(["scorer"] + groups + [f"all >= {TARGET_ORDER_ACCURACY * 100:.0f} %"], rows) + [""]
+    md += _table(["scorer"] + groups + [f"all >= {TARGET_ORDER_ACCURACY[0] * 100:.0f} % (must reach)"], rows) + [""]
 
     md += ["## 3. Local sensitivity", "",
            "A blob of exactly the given area of the HR crop replaced by the sample's own SR output "
@@ -816,9 +845,6 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
             r = [name] + [_fmt(sv[a]["all"]["drop_fraction"], pct=True) for a in areas]
             rows.append(r)
         md += _table(["scorer"] + [f"{a} (n={report['sensitivity'][final][a]['all']['n']})" for a in areas], rows) + [""]
-        t3 = next((t for t in report["targets"] if t["name"].startswith("score drops at 3 %")), None)
-        if t3:
-            md += [f"Target at 3 %: {final} {_fmt(t3['value'], pct=True)} (goal {t3['target']}): **{t3['status']}**.", ""]
         for a in areas:
             md += [f"By family group, {a} area (n: "
                    + ", ".join(f"{g} {report['sensitivity'][final][a][g]['n']}" for g in groups) + "):", ""]
@@ -856,7 +882,7 @@ def render_markdown(report: dict[str, Any], command: str) -> str:
                    "measurement): other processes competed for the cores, so these timings are not "
                    "representative (with several OpenMP threads on shared cores both networks can be many "
                    "times slower and the ratio meaningless); rerun on an idle machine or with `--threads 1`.", ""]
-        md += [f"Ratio score + map / ST-LPIPS = {sp['ratio']:.2f} (goal <= {TARGET_SPEED_RATIO:g}): "
+        md += [f"Ratio score + map / ST-LPIPS = {sp['ratio']:.2f} (must reach <= {TARGET_SPEED_RATIO:g}): "
                f"**{'reached' if sp['ratio'] <= TARGET_SPEED_RATIO else 'not reached'}**.", ""]
     else:
         md += ["Not measured (`--no-speed`).", ""]

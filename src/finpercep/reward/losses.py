@@ -5,6 +5,10 @@
     L_align = | S(I_GT) - S_base(I_GT) |
     L       = l_map * L_map + l_rank * L_rank + l_align * L_align
 
+v2 (ours, off by default): ``L_edit`` and ``L_adv``, :func:`below_loss` of the HR against a random
+negative edit of it and against an SR output after pixel-space ascent on the reward
+(:mod:`finpercep.reward.train`, ``edit_negatives`` / ``adversarial_weight``).
+
 Pure functions of tensors; every term is a mean over the batch (and over pixels for ``L_map``)
 and is computed in float32 whatever the autocast dtype of its inputs. Margins and weights are not
 given in the paper; :class:`RMLossConfig` documents ours.
@@ -84,6 +88,15 @@ def rank_loss(s_gt: torch.Tensor, s_syn: torch.Tensor, s_sr: torch.Tensor, m1: f
     return (lower + upper).mean()
 
 
+def below_loss(s_gt: torch.Tensor, s_neg: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hinge ``max(0, margin - (S_GT - S_neg))``, the batch mean (ours): a negative image (a
+    photometric or information-removing edit of the HR, or an SR output pushed up the reward by
+    pixel-space ascent) must score ``margin`` below its HR, as a whole SR output does in
+    ``L_rank`` (``margin = m1 + m2``). Scores ``(B,)`` each; returns a float32 scalar >= 0."""
+    _check_scores("below_loss", s_gt=s_gt, s_neg=s_neg)
+    return torch.relu(margin - (s_gt.float() - s_neg.float())).mean()
+
+
 def align_loss(s_gt: torch.Tensor, s_base_gt: torch.Tensor) -> torch.Tensor:
     """``L_align = |S(I_GT) - S_base(I_GT)|`` (arXiv 2512.22647), the batch mean.
 
@@ -129,7 +142,7 @@ class RMLossConfig:
                 raise ValueError(f"RMLossConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
-LOSS_TERMS = ("rank", "map", "align")
+LOSS_TERMS = ("rank", "map", "align", "edit", "adv")
 """The terms of ``L``, as named in ``loss/<term>`` logs and in ``scales``."""
 
 

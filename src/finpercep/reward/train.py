@@ -54,7 +54,7 @@ import torch.distributed as dist
 from finpercep.config import check_at_least, check_positive, to_dict
 from finpercep.distributed import all_reduce_mean, barrier, destroy, dist_info, init_distributed, local_device
 from finpercep.io import CKPT_DIR, save_json
-from finpercep.reward.losses import LossNormalizer, RMLossConfig, total_loss
+from finpercep.reward.losses import LossNormalizer, RMLossConfig, below_loss, total_loss
 from finpercep.reward.model import FinPercepRM, RMConfig, config_record, load_pretrained, save_pretrained
 from finpercep.runs import (
     TRAIN_CONFIG,
@@ -139,6 +139,25 @@ class RMTrainConfig:
     a loaded 2-core CPU (``docs/reward_model.md``, v2). Off by default so that runs started before
     it resume bit for bit; the v2 recipe turns it on."""
 
+    edit_negatives: float = 0.0
+    """Weight of the edit-ranking term ``L_edit`` (v2, ours; 0 = off, the v1 recipe): every step, each
+    HR crop also gets a random negative edit (:func:`finpercep.data.negatives.random_negative_edits`:
+    darker, gamma, saturation, contrast, blur, plastic, flat or constant, severity ~ U[0.1, 1]) that
+    must score ``m1 + m2`` below it (:func:`finpercep.reward.losses.below_loss`). The data engine's
+    negative families teach the same through region swaps; this term shows every photo of every
+    batch edited, at one more image per triplet."""
+    adversarial_weight: float = 0.0
+    """Weight of the adversarial term ``L_adv`` (v2, ours; 0 = off): every step, the batch's SR images
+    are pushed up the reward by ``adversarial_steps`` signed-gradient steps in pixel space within an
+    L-inf ball of ``adversarial_eps`` (random start, the "fast" adversarial training of Wong et al.,
+    arXiv 2001.03994), and must still score ``m1 + m2`` below their HR. Aimed at what
+    ``benchmarks/rm_hackability.py`` measures: a reward an optimiser can raise by imperceptible
+    pixel changes. Costs ``adversarial_steps`` extra forward and backward passes over B images."""
+    adversarial_steps: int = 1
+    """Ascent steps of the adversarial term (each of size ``1.25 * adversarial_eps / steps``)."""
+    adversarial_eps: float = 8 / 255
+    """L-inf radius of the adversarial term's perturbation, in [0, 1] pixel units."""
+
     def __post_init__(self) -> None:
         n = len(self.model.levels)
         if self.stages is not None and not 0 <= self.stages <= n:
@@ -161,6 +180,11 @@ class RMTrainConfig:
             raise ValueError(f"RMTrainConfig.loss_norm_decay must be in [0, 1) or None, "
                              f"got {self.loss_norm_decay}")
         check_positive("RMTrainConfig", loss_norm_floor=self.loss_norm_floor)
+        check_at_least("RMTrainConfig", 0, edit_negatives=self.edit_negatives,
+                       adversarial_weight=self.adversarial_weight)
+        check_at_least("RMTrainConfig", 1, adversarial_steps=self.adversarial_steps)
+        if not 0 < self.adversarial_eps <= 1:
+            raise ValueError(f"RMTrainConfig.adversarial_eps must be in (0, 1], got {self.adversarial_eps}")
         if self.crop is not None and self.crop < 32:
             raise ValueError(f"crop must be >= 32 or None, got {self.crop}")
         if not 0 <= self.val_fraction < 1:
@@ -245,7 +269,8 @@ def save_checkpoint(
     return save_trainer_state(run, folder, state)
 
 
-V2_FIELDS = ("max_grad_norm", "ema_decay", "loss_norm_decay", "loss_norm_floor", "channels_last")
+V2_FIELDS = ("max_grad_norm", "ema_decay", "loss_norm_decay", "loss_norm_floor", "channels_last", "edit_negatives",
+             "adversarial_weight", "adversarial_steps", "adversarial_eps")
 """Fields added to :class:`RMTrainConfig` after runs were already being saved (v2)."""
 
 
@@ -368,6 +393,12 @@ def rm_train_step(
     ddp: torch.nn.Module | None = None,
     loss_norm: LossNormalizer | None = None,
     channels_last: bool = False,
+    edits: torch.Tensor | None = None,
+    edit_weight: float = 0.0,
+    adversarial_weight: float = 0.0,
+    adversarial_steps: int = 1,
+    adversarial_eps: float = 8 / 255,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One optimiser step of FinPercep-RM on ``B`` triplets (arXiv 2512.22647, Sec. 3): HR, syn and
     SR through the model in one pass, ``L = l_rank L_rank + l_map L_map + l_align |S(HR) -
@@ -389,26 +420,50 @@ def rm_train_step(
             divided by its ``scales()``, and it is updated with this step's terms after the step.
         channels_last: pass the images in the channels-last memory format (for a model converted
             with ``model.to(memory_format=torch.channels_last)``).
+        edits: negative edits of ``batch.hr`` ``(B, 3, H, W)`` in [0, 1]
+            (:func:`finpercep.data.negatives.random_negative_edits`), for ``L_edit`` with weight
+            ``edit_weight`` (v2; :func:`finpercep.reward.losses.below_loss`, margin ``m1 + m2``).
+        adversarial_weight, adversarial_steps, adversarial_eps: ``L_adv`` (v2): ``batch.sr`` after
+            :func:`pixel_ascent` on the model must score ``m1 + m2`` below the HR; 0 = off.
+        generator: the random start of :func:`pixel_ascent` (CPU generator; ``None`` = global RNG).
 
     Returns the loss terms as floats (``loss/total``, ``loss/rank``, ``loss/map``, ``loss/align``,
+    ``loss/edit``, ``loss/adv`` when on,
     ``rank/ordered``, ``score/*``, with ``loss_norm`` also ``loss_scale/*``) and ``grad_norm``, the
     gradient norm before clipping.
     Raises :class:`NonFiniteError` (``non-finite loss/map``, naming the non-finite terms) before
     any gradient is taken, so the model and the optimiser are left as they were.
     """
     n = len(batch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.autocast(batch.hr.device.type, dtype=amp, enabled=amp is not None):
-        x = torch.cat([batch.hr, batch.syn, batch.sr])  # (3B, 3, H, W): HR, syn, SR
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        negatives: dict[str, tuple[float, torch.Tensor]] = {}  # v2 terms: name -> (weight, images)
+        if edits is not None and edit_weight > 0:
+            negatives["edit"] = (edit_weight, edits)
+        if adversarial_weight > 0:
+            adv = pixel_ascent(model, batch.sr.contiguous(memory_format=fmt), adversarial_eps, adversarial_steps,
+                               generator)
+            negatives["adv"] = (adversarial_weight, adv)
+        # (3B + ..., 3, H, W): HR, syn, SR, then the negatives
+        x = torch.cat([batch.hr, batch.syn, batch.sr] + [v for _, v in negatives.values()])
+        x = x.contiguous(memory_format=fmt)
         out = (ddp or model)(x)
-        outs = [_slice(out, i * n, (i + 1) * n) for i in range(3)]
+        outs = [_slice(out, i * n, (i + 1) * n) for i in range(3 + len(negatives))]
         base_gt = None
         if base is not None:
             with torch.no_grad():
                 base_gt = base(x[:n]).score.float()  # RM_0's scale, the alignment target
         scales = loss_norm.scales() if loss_norm is not None else None
         loss, logs = total_loss(outs[0], outs[1], outs[2], batch.map_syn, base_gt, loss_cfg, scales)
+        for (term, (weight, _)), o in zip(negatives.items(), outs[3:]):
+            term_loss = below_loss(outs[0].score, o.score, loss_cfg.m1 + loss_cfg.m2)
+            div = (scales or {}).get(term, 1.0)
+            loss = loss + weight * term_loss / div
+            logs[f"loss/{term}"] = float(term_loss.detach())
+            logs[f"score/{term}"] = float(o.score.detach().float().mean())
+            if scales is not None:
+                logs[f"loss_scale/{term}"] = div
+        logs["loss/total"] = float(loss.detach())
     if not bool(torch.isfinite(loss)):
         bad = [k for k, v in logs.items() if k.startswith("loss/") and not np.isfinite(v)] or ["loss/total"]
         raise NonFiniteError(f"non-finite {', '.join(bad)}")
@@ -419,6 +474,31 @@ def rm_train_step(
     if loss_norm is not None:
         loss_norm.update(logs)
     return {**logs, "grad_norm": float(grad_norm)}
+
+
+def pixel_ascent(
+    model: torch.nn.Module, x: torch.Tensor, eps: float, steps: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``x`` pushed up the model's score by signed-gradient ascent in pixel space (v2, ours): a random
+    start ``x + U(-eps, eps)``, then ``steps`` steps of size ``1.25 eps / steps`` along
+    ``sign(dS/dx)``, each projected back onto the L-inf ball of radius ``eps`` around ``x`` and onto
+    [0, 1] (projected gradient ascent; with one step, the "fast" FGSM with random start of Wong et
+    al., arXiv 2001.03994). The attack an RL policy can mount on a differentiable reward, in small.
+
+    ``x`` ``(B, 3, H, W)`` in [0, 1]; ``eps`` > 0 in pixel units; ``generator`` a CPU generator for
+    the start. Returns a detached tensor like ``x``; the model's parameters get no gradient.
+    """
+    if not eps > 0 or steps < 1:
+        raise ValueError(f"pixel_ascent: eps must be > 0 and steps >= 1, got {eps}, {steps}")
+    x = x.detach()
+    start = (torch.rand(x.shape, generator=generator, dtype=torch.float32) * 2 - 1) * eps
+    adv = (x + start.to(device=x.device, dtype=x.dtype)).clamp(0, 1)
+    alpha = 1.25 * eps / steps
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(adv).score.float().sum(), adv)
+        adv = torch.minimum(torch.maximum(adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
 
 
 def train_reward_model(
@@ -451,6 +531,8 @@ def train_reward_model(
     train_set = Triplets(data, train_recs, pixel_only)
     val_set = Triplets(val_root, val_recs, pixel_only)
     resume = load_trainer_state(run, keys=("stage", "step", "optimizer"))
+    if cfg.edit_negatives > 0:
+        from finpercep.data.negatives import random_negative_edits
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     steps_done = 0
@@ -500,11 +582,18 @@ def train_reward_model(
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, k, step]))
             idx = rng.integers(len(train_set), size=cfg.batch_size * world).tolist()
             b = train_set.load(idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size], cfg.crop, rng).to(dev)
+            # v2 terms draw from the step's generator after the batch, so v1 runs keep their data stream.
+            edits = random_negative_edits(b.hr, rng)[0] if cfg.edit_negatives > 0 else None
+            gen = (torch.Generator().manual_seed(int(rng.integers(2**62)))
+                   if cfg.adversarial_weight > 0 else None)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             try:
                 logs = rm_train_step(model, b, cfg.loss, opt, base=base, max_grad_norm=cfg.max_grad_norm, amp=amp,
-                                     ddp=ddp, loss_norm=loss_norm, channels_last=cfg.channels_last)
+                                     ddp=ddp, loss_norm=loss_norm, channels_last=cfg.channels_last, edits=edits,
+                                     edit_weight=cfg.edit_negatives, adversarial_weight=cfg.adversarial_weight,
+                                     adversarial_steps=cfg.adversarial_steps, adversarial_eps=cfg.adversarial_eps,
+                                     generator=gen)
             except NonFiniteError as e:  # e.g. a NaN ground-truth map
                 raise NonFiniteError(f"stage {k} step {step + 1}: {e}; the run stops here ({last_checkpoint_note(run)}; "
                                      "nothing was overwritten); check the data set (`finpercep data check`) or lower "
