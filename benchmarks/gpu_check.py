@@ -6,6 +6,12 @@
 2. FinPercep-RM (final stage) forward at 512x512: score and map under fp32 / bf16 / fp16 autocast vs
    fp32, and images/s on CUDA vs the CPU of the same machine (batch 8).
 3. One training step on CUDA with bf16 autocast (loss finite, gradients finite).
+4. A one-step diffusion SR policy through diffusers (``--policy diffusers:PATH``; the tiny random
+   model of ``tools/make_tiny_diffusers.py``, or a real model folder with ``--diffusers-model``):
+   fp16 / bf16 autocast forward vs fp32, a LoRA ReFL-style backward with and without gradient
+   checkpointing (gradients equal, only LoRA parameters get one) and its peak memory.
+   ``diffusers_section`` runs on any device (``python -c`` it with ``torch.device("cpu")``); it has
+   not yet been run on a GPU.
 The data build and the torchrun (DDP, NCCL, 1 GPU) training run are driven by the shell command
 that calls this script (see docs/results/gpu_check.md for the exact command).
 """
@@ -37,9 +43,46 @@ def timed(fn, reps: int, sync: bool) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def diffusers_section(dev: torch.device, model: str | None = None, size: int = 64) -> dict:
+    """Check 4 of the module docstring on ``dev`` with LR images of ``size`` pixels (x4 out)."""
+    import tempfile
+
+    from finpercep.policies.diffusers_tiny import write_tiny_model
+    from finpercep.policies.diffusion_onestep import load_diffusers_policy
+
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model or str(write_tiny_model(Path(tmp) / "tiny"))
+        res["diffusers_model"] = "tiny random (tools/make_tiny_diffusers.py)" if model is None else folder
+        lr = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+        with torch.no_grad():
+            ref = load_diffusers_policy(folder).to(dev)(lr)
+            for tag in ("bf16", "fp16"):
+                out = load_diffusers_policy(folder, mixed_precision=tag).to(dev)(lr)
+                res[f"diffusers_{tag}_max_abs_vs_fp32"] = float((out - ref).abs().max())
+                res[f"diffusers_{tag}_finite"] = bool(torch.isfinite(out).all())
+        grads = []
+        for ckpt in (False, True):
+            policy = load_diffusers_policy(folder, gradient_checkpointing=ckpt, mixed_precision="bf16").to(dev)
+            policy.add_lora(4, generator=torch.Generator().manual_seed(0))
+            policy.train()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            policy(lr).mean().backward()
+            grads.append({n: p.grad.float().cpu() for n, p in policy.named_parameters() if p.grad is not None})
+            res[f"diffusers_only_lora_grads_ckpt_{ckpt}"] = all(".lora_" in n for n in grads[-1])
+            res[f"diffusers_grads_finite_ckpt_{ckpt}"] = all(bool(torch.isfinite(g).all()) for g in grads[-1].values())
+            if dev.type == "cuda":
+                res[f"diffusers_backward_peak_gib_ckpt_{ckpt}"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        res["diffusers_ckpt_grad_max_abs_diff"] = max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/results/gpu_check.md")
+    ap.add_argument("--diffusers-model", default=None,
+                    help="a local diffusers model folder for check 4 (default: a tiny random one)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "no CUDA device"
     dev = torch.device("cuda")
@@ -103,6 +146,9 @@ def main() -> None:
     res["train_step_bf16_loss"] = float(loss.detach())
     res["train_step_bf16_grads_finite"] = bool(grads_finite)
     res["cuda_max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+    # 4. a one-step diffusion SR policy (the diffusers extra)
+    res.update(diffusers_section(dev, args.diffusers_model))
 
     print(json.dumps(res, indent=2))
     lines = ["# GPU check", "", f"Device: **{name}**, torch {torch.__version__}; CPU baseline on the same machine "

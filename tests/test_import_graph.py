@@ -60,9 +60,9 @@ one project import (``load_reward``) sits in the lazy module ``__getattr__``."""
 OLD_PATHS = ("finpercep.eval.metrics",)
 """Re-exports kept for users of older import paths; nothing inside the package imports through them."""
 
-HEAVY = ("cv2", "scipy", "skimage", "matplotlib", "ncnn", "yaml", "tqdm")
+HEAVY = ("cv2", "scipy", "skimage", "matplotlib", "ncnn", "yaml", "tqdm", "diffusers", "peft", "transformers")
 """Third-party modules the probes report. tqdm is reported only: torch itself imports it."""
-OPTIONAL = ("cv2", "scipy", "skimage", "matplotlib", "ncnn", "yaml")
+OPTIONAL = ("cv2", "scipy", "skimage", "matplotlib", "ncnn", "yaml", "diffusers", "peft", "transformers")
 """Modules that no unit may pull in at import time (each is imported inside the function that needs
 it; scipy at import time is allowed for ``baselines`` only, see :data:`IMPORTS_SCIPY`)."""
 IMPORTS_SCIPY = ("baselines",)
@@ -289,6 +289,8 @@ def pulled() -> dict[str, dict[str, list[str]]]:
     targets["finpercep"] = "import finpercep"
     targets["finpercep.load_reward"] = "import finpercep; finpercep.load_reward"
     targets["finpercep.curriculum.schedule"] = "import finpercep.curriculum.schedule"
+    for module in DIFFUSERS_MODULES:  # the diffusers extra is imported inside their functions only
+        targets[module] = f"import {module}"
     return _probe(targets)
 
 
@@ -308,6 +310,16 @@ def test_import_finpercep_and_load_reward_stay_light(pulled: dict) -> None:
     got = pulled["finpercep.load_reward"]
     assert not set(got["heavy"]) & set(OPTIONAL), got["heavy"]
     assert {unit_of(m) for m in got["finpercep"]} <= {ROOT, "reward", "backbones", "checks", "config", "io", "types"}
+
+
+DIFFUSERS_MODULES = ("finpercep.policies.diffusion_onestep", "finpercep.policies.diffusers_folder",
+                     "finpercep.policies.diffusers_tiny")
+"""The modules of the ``diffusers`` extra (diffusers, peft, transformers): importing them pulls none of it."""
+
+
+@pytest.mark.parametrize("module", DIFFUSERS_MODULES)
+def test_the_diffusers_policy_modules_import_without_the_extra(pulled: dict, module: str) -> None:
+    assert not set(pulled[module]["heavy"]) & {"diffusers", "peft", "transformers"}, pulled[module]["heavy"]
 
 
 def test_curriculum_schedule_does_not_load_the_reward_model(pulled: dict) -> None:

@@ -238,9 +238,16 @@ def cmd_sr(args: argparse.Namespace) -> int:
     if args.context < 0:
         raise UserError(f"--context must be >= 0 LR pixels, got {args.context}")
     out = _output_folder("--out", args.out)
-    policy = load_policy(args.policy, args.device)
+    policy = load_policy(args.policy, args.device, **_policy_options(args))
     return run_sr(args.paths, policy, out, tile=args.tile, context=args.context, device=args.device,
                   progress=not args.quiet)
+
+
+def _policy_options(args: argparse.Namespace) -> dict:
+    """``--mixed-precision`` / ``--gradient-checkpointing`` when given (diffusers policies only)."""
+    opts = {"mixed_precision": getattr(args, "mixed_precision", None),
+            "gradient_checkpointing": getattr(args, "gradient_checkpointing", False) or None}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def cmd_policy_list(args: argparse.Namespace) -> int:
@@ -287,7 +294,7 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
     cfg = load_config(RLConfig, args.config, run=run, dpo=dict(group_size=args.group_size),
                       grpo=dict(group_size=args.group_size), curriculum=dict(mode=args.curriculum))
     final = fine_tune(args.policy, args.algo, args.reward, args.data, args.out, cfg, checkpoint=args.checkpoint,
-                      device=args.device, progress=not args.quiet)
+                      device=args.device, progress=not args.quiet, policy_options=_policy_options(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"fine-tuned policy: {final} (use it with `finpercep sr IMAGES --policy {final} --out DIR`)")
         print(f"metrics: {Path(args.out) / 'metrics.jsonl'}, samples: {Path(args.out) / 'samples'}")
@@ -433,13 +440,16 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
     elif key == ("sr", ""):
         p.add_argument("paths", nargs="+", help="LR images or folders of images")
         p.add_argument("--policy", required=True,
-                       help="policy name (see `finpercep policy list`) or a checkpoint folder (e.g. RUN/final)")
+                       help="policy name (see `finpercep policy list`), diffusers:MODEL_FOLDER, or a checkpoint "
+                            "folder (e.g. RUN/final)")
         p.add_argument("--out", required=True, help="output folder (<name>.png per input)")
         p.add_argument("--tile", type=int, default=128, help="LR tile size, 0 = whole image (default: %(default)s)")
         p.add_argument("--context", type=int, default=16, help="LR context pixels around each tile (default: %(default)s)")
         p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")
+        _add_diffusers_options(p, training=False)
     elif key == ("rl", "train"):
-        p.add_argument("--policy", required=True, help="policy name (`finpercep policy list`) or checkpoint folder")
+        p.add_argument("--policy", required=True,
+                       help="policy name (`finpercep policy list`), diffusers:MODEL_FOLDER, or checkpoint folder")
         p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"),
                        help="refl: reward backprop; dpo / grpo: sampled outputs ranked by the reward (flow-x4 "
                             "samples in K steps; a one-step policy as N(f(lr), sigma^2))")
@@ -467,6 +477,7 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
                        help="dpo / grpo on a one-step policy (realsr-x4 ...): sample N(f(lr), sigma^2) (default: 0.02)")
         p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+        _add_diffusers_options(p, training=True)
     elif key == ("policy", "train"):
         p.add_argument("arch", choices=("tiny", "flow"), help="tiny (tiny-x4) or flow (flow-x4)")
         p.add_argument("--photos", required=True, help="folder of training photos, e.g. runs/photos/train")
@@ -497,6 +508,15 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
     elif key == ("data", "check"):
         p.add_argument("dataset", help="data set folder (with manifest.jsonl)")
         p.add_argument("--limit", type=int, default=None, help="check only the first N samples")
+
+
+def _add_diffusers_options(p: argparse.ArgumentParser, training: bool) -> None:
+    """The options of a ``--policy diffusers:PATH`` (one-step diffusion SR from a local model folder)."""
+    p.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="diffusers policies: run the UNet and VAE under autocast of this dtype (bf16 on a GPU)")
+    if training:
+        p.add_argument("--gradient-checkpointing", action="store_true",
+                       help="diffusers policies: recompute UNet / VAE activations in the backward (less memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:

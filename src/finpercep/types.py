@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -234,6 +236,27 @@ class StochasticPolicy(Policy, Protocol):
     def denoising_error(
         self, lr: torch.Tensor, sr: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AdapterPolicy(Policy, Protocol):
+    """A policy that brings its own LoRA adapters and checkpoint format (the ``diffusers`` policies
+    of :mod:`finpercep.policies.diffusion_onestep`: peft adapters on a UNet whose multi-GB base
+    weights are never copied). The RL loops call these instead of :mod:`finpercep.policies.lora`:
+
+    - ``add_lora(rank, alpha, generator) -> names``: add trainable adapters (the only trainable
+      parameters afterwards), starting as the identity, ``lora_A`` drawn from ``generator``;
+    - ``adapters_disabled()``: a context manager within which the policy computes its base (the
+      frozen reference of a KL / DPO term);
+    - ``save_checkpoint(folder) -> folder``: write a checkpoint that ``finpercep.policies.load_policy``
+      reads back.
+    """
+
+    def add_lora(self, rank: int, alpha: float | None = None, generator: torch.Generator | None = None) -> list[str]: ...
+
+    def adapters_disabled(self) -> AbstractContextManager[Any]: ...
+
+    def save_checkpoint(self, folder: str | Path) -> Path: ...
 
 
 # ---------------------------------------------------------------------------------------------

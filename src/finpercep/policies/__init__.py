@@ -9,6 +9,10 @@ One literal dict, :data:`POLICIES`, maps the names the CLI and the tests use to 
 - ``flow-x4``: a stochastic multi-step policy with Gaussian transitions
   (:mod:`finpercep.policies.flow`), the one DPO and GRPO sample from.
 
+``diffusers:PATH`` loads a one-step diffusion SR model (OSEDiff style) from a local ``diffusers``
+model folder (:mod:`finpercep.policies.diffusion_onestep`, the ``diffusers`` extra); its fine-tuned
+checkpoints (LoRA files + the base folder's path) load by path like any other.
+
 A path to a saved checkpoint works wherever a name does. A policy checkpoint is a folder with
 ``config.json`` (``{"arch": ..., "config": {...}, "name": ..., "format_version": 1}``) and
 ``model.safetensors`` (:mod:`finpercep.policies.checkpoint`); :func:`_archs` maps ``arch`` to the
@@ -94,16 +98,28 @@ def load_policy_checkpoint(folder: str | Path, map_location: str | torch.device 
     return load_checkpoint(folder, _archs(), map_location)
 
 
-def load_policy(name_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A policy by name (a key of :data:`POLICIES`) or by checkpoint folder path, on ``device``,
-    in eval mode. Raises ValueError for an unknown name that is not a folder either."""
+def load_policy(name_or_path: str | Path, device: str | torch.device = "cpu", **options: Any) -> nn.Module:
+    """A policy by name (a key of :data:`POLICIES`), ``diffusers:PATH`` (a local diffusers model
+    folder or a checkpoint fine-tuned from one) or checkpoint folder path, on ``device``, in eval mode.
+
+    ``options`` go to :func:`finpercep.policies.diffusion_onestep.load_diffusers_policy`
+    (``mixed_precision``, ``gradient_checkpointing``) and apply to diffusers policies only. Raises
+    ValueError for an unknown name that is not a folder either, or for options given to another policy."""
+    from finpercep.policies import diffusion_onestep as onestep  # light: diffusers itself is imported lazily
+
     key = str(name_or_path)
+    if key.startswith(onestep.PREFIX) or (Path(key).is_dir() and onestep.is_checkpoint(key)):
+        model = onestep.load_diffusers_policy(key.removeprefix(onestep.PREFIX), **options)
+        return model.to(device).eval()
+    if options:
+        raise ValueError(f"{sorted(options)} apply to diffusers policies (--policy diffusers:PATH) only, not {key!r}")
     if key in POLICIES:
         model = POLICIES[key]()
     elif Path(key).is_dir():
         model = load_policy_checkpoint(key)
     else:
         raise ValueError(
-            f"unknown policy {key!r}: not a name ({', '.join(list_policies())}) and not a checkpoint folder"
+            f"unknown policy {key!r}: not a name ({', '.join(list_policies())}), not diffusers:PATH "
+            "and not a checkpoint folder"
         )
     return model.to(device).eval()

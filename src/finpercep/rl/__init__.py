@@ -69,8 +69,11 @@ def fine_tune(
     device: str = "cpu",
     progress: bool = True,
     stop_after_steps: int | None = None,
+    policy_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Load ``policy`` (a name of :data:`finpercep.policies.POLICIES` or a checkpoint folder) and
+    """Load ``policy`` (a name of :data:`finpercep.policies.POLICIES`, ``diffusers:PATH`` or a
+    checkpoint folder; ``policy_options`` such as ``mixed_precision`` / ``gradient_checkpointing``
+    go to :func:`finpercep.policies.load_policy` and are recorded in ``run_config.json``) and
     the reward: the spec ``reward`` (:func:`finpercep.rewards.create_reward`; ``None`` =
     ``finpercep``) when ``cfg.curriculum.mode`` is ``none``, else a
     :class:`finpercep.curriculum.Curriculum` over the stages of the reward-model run
@@ -84,7 +87,7 @@ def fine_tune(
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     pairs = PairData(data)
-    net = load_policy(policy)
+    net = load_policy(policy, **(policy_options or {}))
     if algo in ("dpo", "grpo") and not is_stochastic(net):
         from finpercep.policies.gaussian import GaussianPolicy
 
@@ -101,6 +104,8 @@ def fine_tune(
         rew = Curriculum(cfg.curriculum, checkpoint, device, total_steps=cfg.run.steps, data=data)
     meta = run_meta(algo, policy, reward, data, cfg)
     meta["reward_checkpoint"] = None if checkpoint is None else str(checkpoint)
+    if policy_options:  # only when given, so runs saved without them resume unchanged
+        meta["policy_options"] = dict(policy_options)
     try:
         return ALGORITHMS[algo](net, rew, pairs, out, cfg.run, cfg.algo_config(algo), meta=meta, device=device,
                                 progress=progress, stop_after_steps=stop_after_steps)

@@ -52,7 +52,7 @@ from finpercep.runs import (
     save_trainer_state,
     truncate_metrics,
 )
-from finpercep.types import NonFiniteError, Reward, RewardOutput, RewardSource, StochasticPolicy
+from finpercep.types import AdapterPolicy, NonFiniteError, Reward, RewardOutput, RewardSource, StochasticPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class RunConfig:
     Saved runs whose ``run_config.json`` still says ``lr`` resume (:func:`finpercep.runs.check_config`)."""
     lora_rank: int = 0
     """0 = fine-tune every parameter; r >= 1 = LoRA adapters of rank r on every convolution,
-    the base frozen (:mod:`finpercep.policies.lora`)."""
+    the base frozen (:mod:`finpercep.policies.lora`). A ``diffusers:`` policy needs r >= 1: peft
+    adapters on its UNet (:mod:`finpercep.policies.diffusion_onestep`)."""
     lora_alpha: float | None = None
     """LoRA scale numerator (scale = alpha / rank); ``None`` = rank."""
     max_grad_norm: float = 1.0
@@ -229,9 +230,20 @@ def check_finite(step: int, run: Path, **values: torch.Tensor | float) -> None:
 
 def make_reference(policy: nn.Module) -> Callable[[], contextlib.AbstractContextManager[nn.Module]]:
     """A context-manager factory yielding the frozen reference policy: with LoRA the same module
-    with its adapters off (no second copy), else a frozen copy taken now."""
+    with its adapters off (no second copy; for an :class:`~finpercep.types.AdapterPolicy`, its own
+    peft adapters off, yielded inside its Gaussian wrapper if any), else a frozen copy taken now."""
+    from finpercep.policies.gaussian import unwrap
     from finpercep.policies.lora import adapters_disabled, has_lora
 
+    net = unwrap(policy)
+    if isinstance(net, AdapterPolicy):  # its own (peft) adapters: off in the net, yield the policy as wrapped
+
+        @contextlib.contextmanager
+        def base_of_policy() -> Iterator[nn.Module]:
+            with net.adapters_disabled():
+                yield policy
+
+        return base_of_policy
     if has_lora(policy):
         return lambda: adapters_disabled(policy)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -263,11 +275,14 @@ def save_checkpoint(run: Path, policy: nn.Module, opt: torch.optim.Optimizer, st
 
 
 def save_plain_policy(policy: nn.Module, folder: Path) -> Path:
-    """Save the SR network as a plain policy checkpoint: LoRA merged, a Gaussian wrapper removed."""
+    """Save the SR network as a plain policy checkpoint: LoRA merged, a Gaussian wrapper removed
+    (a :class:`~finpercep.types.AdapterPolicy` writes its own checkpoint: base reference + adapters)."""
     from finpercep.policies import save_policy
     from finpercep.policies.gaussian import unwrap
     from finpercep.policies.lora import has_lora, merge_lora
 
+    if isinstance(unwrap(policy), AdapterPolicy):
+        return unwrap(policy).save_checkpoint(folder)
     return save_policy(unwrap(merge_lora(policy) if has_lora(policy) else policy), folder)
 
 
@@ -350,6 +365,7 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
     starts at step 0), so a run killed before or while writing a checkpoint logs each step once.
     Raises ValueError for an unreadable checkpoint or one that does not fit ``policy``."""
     from finpercep.distributed import barrier, dist_info, init_distributed, local_device
+    from finpercep.policies.gaussian import unwrap
     from finpercep.policies.lora import apply_lora
 
     if needs_samples and not is_stochastic(policy):
@@ -358,6 +374,9 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
                          f"{getattr(policy, 'name', type(policy).__name__)!r} is one-step: use --algo refl")
     if policy.scale != data.scale:
         raise ValueError(f"the policy upscales x{policy.scale} but the data set is x{data.scale}")
+    net = unwrap(policy)
+    if isinstance(net, AdapterPolicy) and not cfg.lora_rank:  # peft adapters of its own (diffusers): LoRA only
+        raise ValueError(f"{net.name} is fine-tuned through LoRA adapters only: set --lora-rank (run.lora_rank) >= 1")
     init_distributed(device)
     rank, world = dist_info()
     dev = torch.device(local_device(device))
@@ -370,7 +389,9 @@ def start_run(policy: nn.Module, data: PairData, run: str | Path, meta: dict[str
         run.mkdir(parents=True, exist_ok=True)
         check_config(run, RUN_CONFIG, meta)
     barrier()
-    if cfg.lora_rank:
+    if isinstance(net, AdapterPolicy):
+        net.add_lora(cfg.lora_rank, cfg.lora_alpha, generator=seeded_generator(cfg.seed, LORA_INIT_KEY))
+    elif cfg.lora_rank:
         apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, generator=seeded_generator(cfg.seed, LORA_INIT_KEY))
     else:
         policy.requires_grad_(True)

@@ -1,0 +1,74 @@
+"""Tiny random-weight ``diffusers`` model folders, for tests and command-line smoke runs (the way
+diffusers tests itself: tiny configs, no pretrained weights).
+
+:func:`write_tiny_model` writes the layout :mod:`finpercep.policies.diffusers_folder` reads: a
+``UNet2DConditionModel`` with 8 and 16 channels in two levels (one cross-attention level), an
+``AutoencoderKL`` with 8 and 16 channels (latent downsampling 2, 4 latent channels), a
+``DDPMScheduler`` config and either a ``prompt_embeds.safetensors`` file or a tiny CLIP text
+encoder with a 10-token tokenizer. About 0.1 M parameters: a 32x32 image (16x16 latent) runs in
+milliseconds on a CPU. The outputs mean nothing: it checks plumbing, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from finpercep.checks import require
+from finpercep.policies import diffusers_folder as folder_io
+
+CROSS_ATTENTION_DIM = 16
+"""Width of the tiny text conditioning."""
+PROMPT_LENGTH = 8
+"""Tokens of the tiny prompt embedding (Stable Diffusion's is 77)."""
+
+
+def write_tiny_model(folder: str | Path, *, seed: int = 0, text_encoder: bool = False,
+                     prediction_type: str = "epsilon") -> Path:
+    """Write a tiny random model folder (module docstring) into ``folder``, its weights a function
+    of ``seed``. ``text_encoder``: a CLIP text encoder and tokenizer instead of the embedding file.
+    ``prediction_type``: the scheduler's (``epsilon``, ``v_prediction``, ``sample``). Returns ``folder``."""
+    d = require("diffusers", extra=folder_io.EXTRA)
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):  # diffusers initialises from the global RNG: leave the caller's as it was
+        torch.manual_seed(seed)
+        unet = d.UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=4, norm_num_groups=4)
+        vae = d.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+            sample_size=32)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    d.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    prediction_type=prediction_type, clip_sample=False).save_pretrained(folder / "scheduler")
+    if text_encoder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2)
+            _write_text_encoder(folder)
+    else:
+        g = torch.Generator().manual_seed(seed + 1)
+        folder_io.write_prompt_embeds(folder / folder_io.PROMPT_EMBEDS,
+                                      torch.randn(1, PROMPT_LENGTH, CROSS_ATTENTION_DIM, generator=g))
+    return folder
+
+
+def _write_text_encoder(folder: Path) -> None:
+    """A 2-layer CLIP text encoder (width 16) and a CLIP tokenizer of 10 tokens and no merges."""
+    transformers = require("transformers", extra=folder_io.EXTRA)
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    words = ["<|startoftext|>", "<|endoftext|>", "a</w>", "b</w>", "c</w>", "a", "b", "c", "!</w>", "!"]
+    (tok_dir / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                                     model_max_length=PROMPT_LENGTH)
+    tok.save_pretrained(tok_dir)
+    enc = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(words), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=PROMPT_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    enc.save_pretrained(folder / "text_encoder", safe_serialization=True)
