@@ -12,6 +12,11 @@
    checkpointing (gradients equal, only LoRA parameters get one) and its peak memory.
    ``diffusers_section`` runs on any device (``python -c`` it with ``torch.device("cpu")``); it has
    not yet been run on a GPU.
+5. The multi-step diffusion SR policy (x4-upscaler layout; the tiny random one of
+   ``tools/make_tiny_diffusers.py --upscaler``, or a real folder with ``--diffusers-upscaler``):
+   bf16 sampling (log-probabilities finite, recomputed ones equal the sampler's), a DRaFT-K
+   backward under bf16 with and without gradient checkpointing (gradients equal, only LoRA) and its
+   peak memory. ``multistep_section`` runs on any device too; not yet run on a GPU.
 The data build and the torchrun (DDP, NCCL, 1 GPU) training run are driven by the shell command
 that calls this script (see docs/results/gpu_check.md for the exact command).
 """
@@ -78,11 +83,50 @@ def diffusers_section(dev: torch.device, model: str | None = None, size: int = 6
     return res
 
 
+def multistep_section(dev: torch.device, model: str | None = None, size: int = 32, steps: int = 4) -> dict:
+    """Check 5 of the module docstring on ``dev`` with LR images of ``size`` pixels and ``steps`` sampler steps."""
+    import tempfile
+
+    from finpercep.policies.diffusers_tiny import write_tiny_model
+    from finpercep.policies.diffusion_multistep import load_multistep_policy
+
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model or str(write_tiny_model(Path(tmp) / "tiny", upscaler=True))
+        res["multistep_model"] = "tiny random (make_tiny_diffusers.py --upscaler)" if model is None else folder
+        lr = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+        policy = load_multistep_policy(folder, num_steps=steps, mixed_precision="bf16").to(dev)
+        traj = policy.sample(lr, torch.Generator(device=dev).manual_seed(0))
+        with torch.no_grad():
+            again = torch.stack([policy.step_log_prob(lr, traj.states[:, k], k, traj.states[:, k + 1])
+                                 for k in range(steps)], dim=1)
+        res["multistep_bf16_log_probs_finite"] = bool(torch.isfinite(traj.log_probs).all())
+        res["multistep_bf16_log_prob_recompute_max_abs_diff"] = float((again - traj.log_probs).abs().max())
+        grads = []
+        for ckpt in (False, True):
+            policy = load_multistep_policy(folder, num_steps=steps, grad_steps=2, mixed_precision="bf16",
+                                           gradient_checkpointing=ckpt).to(dev)
+            policy.add_lora(4, generator=torch.Generator().manual_seed(0))
+            policy.train()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            policy.sample_with_grad(lr, torch.Generator(device=dev).manual_seed(1)).mean().backward()
+            grads.append({n: p.grad.float().cpu() for n, p in policy.named_parameters() if p.grad is not None})
+            res[f"multistep_only_lora_grads_ckpt_{ckpt}"] = all(".lora_" in n for n in grads[-1])
+            res[f"multistep_grads_finite_ckpt_{ckpt}"] = all(bool(torch.isfinite(g).all()) for g in grads[-1].values())
+            if dev.type == "cuda":
+                res[f"multistep_draft2_peak_gib_ckpt_{ckpt}"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        res["multistep_ckpt_grad_max_abs_diff"] = max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0])
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/results/gpu_check.md")
     ap.add_argument("--diffusers-model", default=None,
                     help="a local diffusers model folder for check 4 (default: a tiny random one)")
+    ap.add_argument("--diffusers-upscaler", default=None,
+                    help="a local x4-upscaler-layout diffusers folder for check 5 (default: a tiny random one)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "no CUDA device"
     dev = torch.device("cuda")
@@ -149,6 +193,8 @@ def main() -> None:
 
     # 4. a one-step diffusion SR policy (the diffusers extra)
     res.update(diffusers_section(dev, args.diffusers_model))
+    # 5. the multi-step diffusion SR policy (x4-upscaler layout)
+    res.update(multistep_section(dev, args.diffusers_upscaler))
 
     print(json.dumps(res, indent=2))
     lines = ["# GPU check", "", f"Device: **{name}**, torch {torch.__version__}; CPU baseline on the same machine "

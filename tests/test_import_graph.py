@@ -312,7 +312,8 @@ def test_import_finpercep_and_load_reward_stay_light(pulled: dict) -> None:
     assert {unit_of(m) for m in got["finpercep"]} <= {ROOT, "reward", "backbones", "checks", "config", "io", "types"}
 
 
-DIFFUSERS_MODULES = ("finpercep.policies.diffusion_onestep", "finpercep.policies.diffusers_folder",
+DIFFUSERS_MODULES = ("finpercep.policies.diffusion_onestep", "finpercep.policies.diffusion_multistep",
+                     "finpercep.policies.diffusion_base", "finpercep.policies.diffusers_folder",
                      "finpercep.policies.diffusers_tiny")
 """The modules of the ``diffusers`` extra (diffusers, peft, transformers): importing them pulls none of it."""
 

@@ -7,7 +7,9 @@
 
 The folder has the layout of a real one (``unet/``, ``vae/``, ``scheduler/``,
 ``prompt_embeds.safetensors``; ``--text-encoder`` writes a tiny CLIP ``text_encoder/`` +
-``tokenizer/`` instead of the embedding file). Its outputs mean nothing: it checks the plumbing.
+``tokenizer/`` instead of the embedding file). ``--upscaler`` writes the Stable Diffusion x4
+upscaler layout instead (UNet on latent + LR image, x4 VAE, ``low_res_scheduler/``), which
+``--policy diffusers:PATH`` runs as the multi-step policy. Its outputs mean nothing: it checks the plumbing.
 Needs the diffusers extra (``pip install 'finpercep[diffusers]'``).
 """
 
@@ -26,11 +28,13 @@ def main() -> None:
     ap.add_argument("--text-encoder", action="store_true", help="a tiny CLIP text encoder instead of prompt_embeds")
     ap.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"),
                     help="what the UNet predicts (default: %(default)s)")
+    ap.add_argument("--upscaler", action="store_true",
+                    help="the x4-upscaler layout (multi-step policy) instead of the one-step one")
     args = ap.parse_args()
     if Path(args.out).exists():
         ap.error(f"{args.out} exists; choose a new folder")
     folder = write_tiny_model(args.out, seed=args.seed, text_encoder=args.text_encoder,
-                              prediction_type=args.prediction_type)
+                              prediction_type=args.prediction_type, upscaler=args.upscaler)
     print(f"tiny diffusers model: {folder} (use it with --policy diffusers:{folder})")
 
 

@@ -244,9 +244,12 @@ def cmd_sr(args: argparse.Namespace) -> int:
 
 
 def _policy_options(args: argparse.Namespace) -> dict:
-    """``--mixed-precision`` / ``--gradient-checkpointing`` when given (diffusers policies only)."""
+    """``--mixed-precision`` / ``--gradient-checkpointing`` (diffusers policies), ``--sampling-steps``
+    / ``--draft-k`` / ``--eta`` (multi-step diffusers policies) when given."""
     opts = {"mixed_precision": getattr(args, "mixed_precision", None),
-            "gradient_checkpointing": getattr(args, "gradient_checkpointing", False) or None}
+            "gradient_checkpointing": getattr(args, "gradient_checkpointing", False) or None,
+            "num_steps": getattr(args, "sampling_steps", None), "grad_steps": getattr(args, "draft_k", None),
+            "eta": getattr(args, "eta", None)}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -511,12 +514,20 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
 
 
 def _add_diffusers_options(p: argparse.ArgumentParser, training: bool) -> None:
-    """The options of a ``--policy diffusers:PATH`` (one-step diffusion SR from a local model folder)."""
+    """The options of a ``--policy diffusers:PATH`` (diffusion SR from a local model folder)."""
     p.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="diffusers policies: run the UNet and VAE under autocast of this dtype (bf16 on a GPU)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="multi-step diffusers policies (x4-upscaler layout): sampler steps K (default: 20)")
     if training:
         p.add_argument("--gradient-checkpointing", action="store_true",
                        help="diffusers policies: recompute UNet / VAE activations in the backward (less memory)")
+        p.add_argument("--eta", type=float, default=None,
+                       help="multi-step diffusers policies: DDIM eta in (0, 1], the sampler's noise for dpo / grpo / "
+                            "refl (default: 1, the DDPM posterior)")
+        p.add_argument("--draft-k", type=int, default=None,
+                       help="multi-step diffusers policies, refl: backpropagate through the last K sampler steps "
+                            "(DRaFT-K; default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -239,9 +239,24 @@ class StochasticPolicy(Policy, Protocol):
 
 
 @runtime_checkable
+class TruncatedBackpropPolicy(StochasticPolicy, Protocol):
+    """A stochastic policy whose sampler can carry the gradient through its last ``grad_steps``
+    transitions (DRaFT-K, Clark et al. 2024, arXiv 2309.17400): ReFL then backpropagates the reward
+    through them instead of through a one-step ``predict_sr``.
+
+    - ``sample_with_grad(lr, generator) -> sr (B, 3, h*s, w*s)`` in [0, 1]: the chain ``sample``
+      draws, the first ``num_steps - grad_steps`` transitions without gradient, the rest with it.
+    """
+
+    grad_steps: int
+
+    def sample_with_grad(self, lr: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class AdapterPolicy(Policy, Protocol):
     """A policy that brings its own LoRA adapters and checkpoint format (the ``diffusers`` policies
-    of :mod:`finpercep.policies.diffusion_onestep`: peft adapters on a UNet whose multi-GB base
+    of :mod:`finpercep.policies.diffusion_base`: peft adapters on a UNet whose multi-GB base
     weights are never copied). The RL loops call these instead of :mod:`finpercep.policies.lora`:
 
     - ``add_lora(rank, alpha, generator) -> names``: add trainable adapters (the only trainable

@@ -9,9 +9,12 @@ One literal dict, :data:`POLICIES`, maps the names the CLI and the tests use to 
 - ``flow-x4``: a stochastic multi-step policy with Gaussian transitions
   (:mod:`finpercep.policies.flow`), the one DPO and GRPO sample from.
 
-``diffusers:PATH`` loads a one-step diffusion SR model (OSEDiff style) from a local ``diffusers``
-model folder (:mod:`finpercep.policies.diffusion_onestep`, the ``diffusers`` extra); its fine-tuned
-checkpoints (LoRA files + the base folder's path) load by path like any other.
+``diffusers:PATH`` loads a diffusion SR model from a local ``diffusers`` model folder (the
+``diffusers`` extra): a one-step OSEDiff-style model (:mod:`finpercep.policies.diffusion_onestep`) or
+a multi-step Stable Diffusion x4 upscaler layout run as an SDE
+(:mod:`finpercep.policies.diffusion_multistep`), told apart by the folder rule of
+:mod:`finpercep.policies.diffusion_base`; their fine-tuned checkpoints (LoRA files + the base
+folder's path) load by path like any other.
 
 A path to a saved checkpoint works wherever a name does. A policy checkpoint is a folder with
 ``config.json`` (``{"arch": ..., "config": {...}, "name": ..., "format_version": 1}``) and
@@ -102,14 +105,15 @@ def load_policy(name_or_path: str | Path, device: str | torch.device = "cpu", **
     """A policy by name (a key of :data:`POLICIES`), ``diffusers:PATH`` (a local diffusers model
     folder or a checkpoint fine-tuned from one) or checkpoint folder path, on ``device``, in eval mode.
 
-    ``options`` go to :func:`finpercep.policies.diffusion_onestep.load_diffusers_policy`
-    (``mixed_precision``, ``gradient_checkpointing``) and apply to diffusers policies only. Raises
-    ValueError for an unknown name that is not a folder either, or for options given to another policy."""
-    from finpercep.policies import diffusion_onestep as onestep  # light: diffusers itself is imported lazily
+    ``options`` go to :func:`finpercep.policies.diffusion_base.load_diffusers` (``mixed_precision``,
+    ``gradient_checkpointing``; ``num_steps``, ``grad_steps``, ``eta`` for a multi-step one) and apply
+    to diffusers policies only. Raises ValueError for an unknown name that is not a folder either,
+    or for options given to another policy."""
+    from finpercep.policies import diffusion_base  # light: diffusers itself is imported lazily
 
     key = str(name_or_path)
-    if key.startswith(onestep.PREFIX) or (Path(key).is_dir() and onestep.is_checkpoint(key)):
-        model = onestep.load_diffusers_policy(key.removeprefix(onestep.PREFIX), **options)
+    if key.startswith(diffusion_base.PREFIX) or (Path(key).is_dir() and diffusion_base.is_checkpoint(key)):
+        model = diffusion_base.load_diffusers(key.removeprefix(diffusion_base.PREFIX), **options)
         return model.to(device).eval()
     if options:
         raise ValueError(f"{sorted(options)} apply to diffusers policies (--policy diffusers:PATH) only, not {key!r}")

@@ -100,12 +100,13 @@ class NoiseSchedule:
     DDPMScheduler's default), else None (Stable Diffusion's configs)."""
 
 
-def load_schedule(folder: Path) -> NoiseSchedule:
-    """The noise schedule of ``folder/scheduler``. Any scheduler of the DDPM family is read through
-    ``DDPMScheduler``'s config keys (``num_train_timesteps``, ``beta_schedule``, ``beta_start``,
-    ``beta_end``, ``trained_betas``, ``prediction_type``, ``clip_sample``, ``clip_sample_range``)."""
+def load_schedule(folder: Path, part: str = "scheduler") -> NoiseSchedule:
+    """The noise schedule of ``folder/part`` (``scheduler``; the x4 upscaler's ``low_res_scheduler``).
+    Any scheduler of the DDPM family (DDPM, DDIM, ...) is read through ``DDPMScheduler``'s config
+    keys (``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
+    ``trained_betas``, ``prediction_type``, ``clip_sample``, ``clip_sample_range``)."""
     d = diffusers()
-    sched = d.DDPMScheduler.from_config(d.DDPMScheduler.load_config(folder / "scheduler", local_files_only=True))
+    sched = d.DDPMScheduler.from_config(d.DDPMScheduler.load_config(folder / part, local_files_only=True))
     c = sched.config
     clip = float(c.clip_sample_range) if c.clip_sample else None
     return NoiseSchedule(sched.alphas_cumprod.double(), str(c.prediction_type), clip)

@@ -7,6 +7,13 @@ diffusers tests itself: tiny configs, no pretrained weights).
 ``DDPMScheduler`` config and either a ``prompt_embeds.safetensors`` file or a tiny CLIP text
 encoder with a 10-token tokenizer. About 0.1 M parameters: a 32x32 image (16x16 latent) runs in
 milliseconds on a CPU. The outputs mean nothing: it checks plumbing, not quality.
+
+``upscaler=True`` writes the Stable Diffusion x4 upscaler layout instead (the multi-step policy of
+:mod:`finpercep.policies.diffusion_multistep`): the UNet takes the 4 latent channels + 3 LR image
+channels and the noise level as class label (``num_class_embeds=1000``), the VAE downsamples by 4
+(three levels, ``scaling_factor`` 0.08333 as the real one), ``scheduler/`` is a ``DDIMScheduler``
+config and ``low_res_scheduler/`` the ``DDPMScheduler`` of the LR augmentation (the real model's
+betas). An 8x8 LR image is an 8x8 latent, decoded to 32x32.
 """
 
 from __future__ import annotations
@@ -26,26 +33,36 @@ PROMPT_LENGTH = 8
 
 
 def write_tiny_model(folder: str | Path, *, seed: int = 0, text_encoder: bool = False,
-                     prediction_type: str = "epsilon") -> Path:
+                     prediction_type: str = "epsilon", upscaler: bool = False) -> Path:
     """Write a tiny random model folder (module docstring) into ``folder``, its weights a function
     of ``seed``. ``text_encoder``: a CLIP text encoder and tokenizer instead of the embedding file.
-    ``prediction_type``: the scheduler's (``epsilon``, ``v_prediction``, ``sample``). Returns ``folder``."""
+    ``prediction_type``: the scheduler's (``epsilon``, ``v_prediction``, ``sample``). ``upscaler``:
+    the x4-upscaler layout (multi-step policy) instead of the one-step one. Returns ``folder``."""
     d = require("diffusers", extra=folder_io.EXTRA)
     folder = Path(folder)
+    levels = 3 if upscaler else 2  # VAE downsampling 4 (the x4 upscaler's) or 2
     with torch.random.fork_rng(devices=[]):  # diffusers initialises from the global RNG: leave the caller's as it was
         torch.manual_seed(seed)
         unet = d.UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            sample_size=16, in_channels=4 + 3 * upscaler, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=4, norm_num_groups=4)
+            cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=4, norm_num_groups=4,
+            num_class_embeds=1000 if upscaler else None)
         vae = d.AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-            sample_size=32)
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16)[:levels], layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+            norm_num_groups=4, sample_size=32, **({"scaling_factor": 0.08333} if upscaler else {}))
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
-    d.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                    prediction_type=prediction_type, clip_sample=False).save_pretrained(folder / "scheduler")
+    if upscaler:  # the x4 upscaler's schedulers (its scheduler is v-prediction; ours follows prediction_type)
+        d.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02,
+                        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                        ).save_pretrained(folder / "scheduler")
+        d.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                        ).save_pretrained(folder / "low_res_scheduler")
+    else:
+        d.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        prediction_type=prediction_type, clip_sample=False).save_pretrained(folder / "scheduler")
     if text_encoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 2)

@@ -26,48 +26,39 @@ reference policy of a KL / DPO term is the same network with the adapters disabl
 straight through the forward; DPO and GRPO sample it as the Gaussian policy ``N(sr, sigma^2)``
 (:class:`finpercep.policies.gaussian.GaussianPolicy`), like every one-step network.
 
-**Checkpoint** (:meth:`~OneStepDiffusionSR.save_checkpoint`): a folder with ``config.json``
-(``{"arch": "diffusers-onestep", "config": {...}, "name", "base_model": absolute path of the model
-folder, "adapters": [file names], "format_version": 1}``) and the LoRA files in diffusers' format
-(:mod:`finpercep.policies.diffusers_folder`): ``pytorch_lora_weights.safetensors`` (this run's
-adapter, what ``pipe.load_lora_weights(folder)`` reads) after ``lora_0.safetensors``, ... (the
-adapters the policy was loaded with, already fused). Loading fuses them in that order. The base
-weights are not copied: the checkpoint needs its ``base_model`` folder.
+**Checkpoint** (:meth:`~OneStepDiffusionSR.save_checkpoint`): ``config.json`` with ``arch:
+diffusers-onestep`` and the LoRA files in diffusers' format, as
+:mod:`finpercep.policies.diffusion_base` describes (shared with the multi-step policy).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finpercep.checks import check_image_batch, require
-from finpercep.config import check_at_least, from_dict, to_dict
+from finpercep.checks import check_image_batch
+from finpercep.config import check_at_least
 from finpercep.policies import diffusers_folder as folder_io
 from finpercep.policies.diffusers_folder import NoiseSchedule
+from finpercep.policies.diffusion_base import (  # noqa: F401  (PREFIX, TRAIN_ADAPTER re-exported for older imports)
+    DEFAULT_LORA_TARGETS,
+    PREFIX,
+    TRAIN_ADAPTER,
+    DiffusersPolicy,
+    config_of,
+    fuse_adapters,
+    load_parts,
+    read_source,
+)
 from finpercep.policies.tiny import bicubic_upscale, clamp01_st
 
 ARCH = "diffusers-onestep"
 """The ``arch`` of a fine-tuned one-step diffusion policy's ``config.json``."""
-PREFIX = "diffusers:"
-"""``--policy diffusers:PATH``: PATH is a model folder or a checkpoint of this module."""
-POLICY_CARD = "finpercep_policy.json"
-"""Optional file in a model folder with :class:`OneStepConfig` fields (e.g. ``{"scale": 2}``)."""
-TRAIN_ADAPTER = "finpercep"
-"""The peft adapter name of the adapter being trained."""
-MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""``mixed_precision`` option -> autocast dtype (``no``: float32 throughout)."""
-
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                        "conv1", "conv2", "conv_shortcut", "time_emb_proj")
-"""UNet modules that get LoRA adapters (attention, feed-forward and ResNet convolutions, as OSEDiff)."""
 
 
 @dataclass(frozen=True)
@@ -88,16 +79,13 @@ class OneStepConfig:
             raise ValueError("OneStepConfig.lora_targets must name at least one module")
 
 
-class OneStepDiffusionSR(nn.Module):
+class OneStepDiffusionSR(DiffusersPolicy):
     """The one-step diffusion SR policy of the module docstring.
 
     ``forward(lr (B, 3, h, w) in [0, 1]) -> sr (B, 3, h*s, w*s) in [0, 1]``, differentiable w.r.t.
-    the LoRA adapters. Build it with :func:`load_diffusers_policy`.
-
-    ``mixed_precision``: ``no``, ``fp16`` or ``bf16``: the UNet and VAE run under
-    ``torch.autocast`` of that dtype on the input's device (weights and output stay float32).
-    ``gradient_checkpointing``: recompute UNet and VAE activations in the backward pass (less
-    memory, about one more forward of time); only active in training mode.
+    the LoRA adapters. Build it with :func:`load_diffusers_policy`. LoRA, the reference, autocast
+    (``mixed_precision``), gradient checkpointing and checkpoints:
+    :class:`~finpercep.policies.diffusion_base.DiffusersPolicy`.
     """
 
     arch = ARCH
@@ -105,7 +93,12 @@ class OneStepDiffusionSR(nn.Module):
     def __init__(self, unet: nn.Module, vae: nn.Module, prompt_embeds: torch.Tensor, schedule: NoiseSchedule,
                  cfg: OneStepConfig = OneStepConfig(), *, base_model: Path,
                  mixed_precision: str = "no", gradient_checkpointing: bool = False) -> None:
-        super().__init__()
+        super().__init__(unet, vae, prompt_embeds, base_model=base_model, mixed_precision=mixed_precision,
+                         gradient_checkpointing=gradient_checkpointing)
+        c_lat, c_in = int(vae.config.latent_channels), int(unet.config.in_channels)
+        if c_in != c_lat:
+            raise ValueError(f"{base_model}: the UNet takes {c_in} channels, a one-step policy needs the latent's "
+                             f"{c_lat} (an x4-upscaler layout is the multi-step policy: --policy diffusers:PATH)")
         alphas_cumprod, prediction_type = schedule.alphas_cumprod, schedule.prediction_type
         if cfg.timestep >= alphas_cumprod.numel():
             raise ValueError(f"OneStepConfig.timestep {cfg.timestep} is outside the scheduler's "
@@ -114,22 +107,12 @@ class OneStepDiffusionSR(nn.Module):
             raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported "
                              "(epsilon, v_prediction or sample)")
         self.clip_sample = schedule.clip_sample
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION)}, got {mixed_precision!r}")
-        self.cfg, self.scale, self.base_model = cfg, cfg.scale, Path(base_model)
+        self.cfg, self.scale = cfg, cfg.scale
         self.name = f"{self.base_model.name}-onestep-x{cfg.scale}"
-        self.unet, self.vae = unet.requires_grad_(False), vae.requires_grad_(False)
-        self.register_buffer("prompt_embeds", prompt_embeds.float(), persistent=False)  # (1, L, D)
         a = float(alphas_cumprod[cfg.timestep])
         self.sqrt_a, self.sqrt_1ma = math.sqrt(a), math.sqrt(1.0 - a)
         self.prediction_type = prediction_type
-        self.mixed_precision = mixed_precision
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.multiple = vae_factor * 2 ** int(unet.num_upsamplers)  # H and W must be multiples of this
-        self.fused_adapters: list[bytes] = []  # LoRA files fused into the weights at load, in order
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            self.vae.enable_gradient_checkpointing()
+        self.multiple = self.vae_factor * 2 ** int(unet.num_upsamplers)  # H and W must be multiples of this
 
     # -- the model ----------------------------------------------------------------------------
 
@@ -152,8 +135,7 @@ class OneStepDiffusionSR(nn.Module):
         u = F.pad(u, (0, -W % m, 0, -H % m), mode="replicate")
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        dtype = MIXED_PRECISION[self.mixed_precision]
-        with torch.autocast(u.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with self.autocast(u.device):
             z = (self.vae.encode(2.0 * u - 1.0).latent_dist.mode() - shift) * cfg.scaling_factor
             t = torch.full((u.shape[0],), self.cfg.timestep, dtype=torch.long, device=u.device)
             emb = self.prompt_embeds.expand(u.shape[0], -1, -1)
@@ -161,73 +143,9 @@ class OneStepDiffusionSR(nn.Module):
             img = self.vae.decode(self.clean_latent(z, pred) / cfg.scaling_factor + shift).sample
         return clamp01_st((img.float()[..., :H, :W] + 1.0) / 2.0)
 
-    # -- LoRA (the adapter-policy contract of finpercep.types.AdapterPolicy) --------------------
-
-    def add_lora(self, rank: int, alpha: float | None = None, generator: torch.Generator | None = None) -> list[str]:
-        """Put a trainable peft LoRA adapter of rank ``rank`` (scale ``alpha / rank``, ``alpha``
-        defaults to ``rank``) on the UNet modules of ``cfg.lora_targets``; every other parameter
-        stays frozen. ``lora_A`` is Kaiming-uniform from ``generator`` (a CPU generator; ``None``:
-        torch's global RNG), ``lora_B`` zero, so the policy starts exactly as before. Returns the
-        trainable parameter names. Raises ValueError for ``rank < 1`` or a second call."""
-        LoraConfig = require("peft", extra=folder_io.EXTRA).LoraConfig
-
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if TRAIN_ADAPTER in getattr(self.unet, "peft_config", {}):
-            raise ValueError(f"{self.name} already has a trainable LoRA adapter")
-        alpha = float(rank if alpha is None else alpha)
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(self.cfg.lora_targets),
-                                         init_lora_weights=True), adapter_name=TRAIN_ADAPTER)
-        names = []
-        for name, p in self.named_parameters():
-            if f".{TRAIN_ADAPTER}." not in name:
-                continue
-            names.append(name)
-            if ".lora_A." in name:  # redraw from the generator: a pure function of the run's seed
-                w = torch.empty(p.shape, dtype=torch.float32)
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-                with torch.no_grad():
-                    p.copy_(w)
-        return names
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[OneStepDiffusionSR]:
-        """Within the block the policy computes its base (the reference): the trainable adapter
-        off. Raises ValueError without one."""
-        if TRAIN_ADAPTER not in getattr(self.unet, "peft_config", {}):
-            raise ValueError(f"adapters_disabled: {self.name} has no LoRA adapter")
-        self.unet.disable_adapters()
-        try:
-            yield self
-        finally:
-            self.unet.enable_adapters()
-
-    def save_checkpoint(self, folder: str | Path) -> Path:
-        """Write the checkpoint of the module docstring into ``folder`` (complete or not at all,
-        :func:`finpercep.io.save_pretrained`'s folder writer). Returns ``folder``."""
-        from finpercep.io import CONFIG_NAME, FORMAT_VERSION, _write_folder
-
-        files = {f"lora_{i}.safetensors": data for i, data in enumerate(self.fused_adapters)}
-        if TRAIN_ADAPTER in getattr(self.unet, "peft_config", {}):
-            files[folder_io.LORA_WEIGHT_NAME] = folder_io.lora_file_bytes(self.unet, TRAIN_ADAPTER)
-        meta = {"arch": ARCH, "config": to_dict(self.cfg), "name": self.name, "base_model": str(self.base_model),
-                "adapters": list(files), "format_version": FORMAT_VERSION}
-        files[CONFIG_NAME] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()  # written last
-        _write_folder(Path(folder), files)
-        return Path(folder)
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """True when ``path`` is a folder written by :meth:`OneStepDiffusionSR.save_checkpoint`."""
-    cfg = Path(path) / "config.json"
-    try:
-        return cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("arch") == ARCH
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
 
 
 def load_diffusers_policy(path: str | Path, *, mixed_precision: str = "no", gradient_checkpointing: bool = False,
@@ -240,41 +158,10 @@ def load_diffusers_policy(path: str | Path, *, mixed_precision: str = "no", grad
 
     Raises ImportError naming the ``diffusers`` extra when it is missing, FileNotFoundError in one
     line for a missing folder or part, ValueError for a config or file that does not fit."""
-    path = Path(path)
-    adapters: list[Path] = []
-    name = None
-    if is_checkpoint(path):
-        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        cfg = from_dict(OneStepConfig, meta.get("config", {}), where=f"{path / 'config.json'}: config")
-        names = meta.get("adapters", [])
-        if not isinstance(names, list) or any(not isinstance(n, str) or Path(n).name != n for n in names):
-            raise ValueError(f"{path / 'config.json'}: adapters must be a list of file names in the folder")
-        adapters = [path / n for n in names]
-        name = str(meta.get("name", ""))
-        base = Path(base_model or meta.get("base_model", ""))
-        if not base.is_dir():
-            raise FileNotFoundError(f"{path}: its base model folder {base} (recorded in config.json) is missing; "
-                                    "pass base_model= the model folder it was fine-tuned from")
-    else:
-        base = Path(base_model or path)
-        card = base / POLICY_CARD
-        cfg = OneStepConfig()
-        if card.is_file():
-            try:
-                cfg = from_dict(OneStepConfig, json.loads(card.read_text(encoding="utf-8")), where=f"{card}:")
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{card}: not valid JSON ({e})") from None
-    folder_io.check_model_folder(base)
-    unet, vae = folder_io.load_unet(base), folder_io.load_vae(base)
-    schedule = folder_io.load_schedule(base)
-    emb = folder_io.load_prompt_embeds(base, int(unet.config.cross_attention_dim))
-    policy = OneStepDiffusionSR(unet, vae, emb, schedule, cfg, base_model=base.resolve(),
-                                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
-    for i, f in enumerate(adapters):  # one at a time: fused into the weights, then the LoRA layers removed
-        folder_io.add_lora_from_file(unet, f, f"fused_{i}")
-        unet.fuse_lora(adapter_names=[f"fused_{i}"])
-        unet.unload_lora()
-        policy.fused_adapters.append(f.read_bytes())
-    unet.requires_grad_(False)
-    policy.name = name or policy.name
-    return policy.eval()
+    source = read_source(Path(path), ARCH, base_model)
+    cfg = config_of(OneStepConfig, source, {})
+    unet, vae, emb = load_parts(source.base)
+    policy = OneStepDiffusionSR(unet, vae, emb, folder_io.load_schedule(source.base), cfg,
+                                base_model=source.base.resolve(), mixed_precision=mixed_precision,
+                                gradient_checkpointing=gradient_checkpointing)
+    return fuse_adapters(policy, source)

@@ -126,7 +126,7 @@ def train(
             iw, il = best_and_worst(ro.reward.score, G)
             sr_w, sr_l = traj.sr[iw], traj.sr[il]
             t = torch.rand(lr.shape[0], generator=gen, device=s.device)
-            noise = torch.randn(sr_w.shape, generator=gen, device=s.device)
+            noise = torch.randn(traj.states[iw, -1].shape, generator=gen, device=s.device)  # shaped like the state
             with timer("policy_forward"):
                 with torch.no_grad(), reference() as ref:
                     ref_w, ref_l = ref.denoising_error(lr, sr_w, t, noise), ref.denoising_error(lr, sr_l, t, noise)

@@ -10,7 +10,10 @@ against HR as in SR fine-tuning with a reward (e.g. DP²O-SR; arXiv 2512.22647 u
 - a one-step policy (RRDBNet, UpConv7, tiny-x4): ``sr = policy(lr)``;
 - a multi-step policy (flow-x4): the chain is sampled without gradient up to a step ``k`` drawn
   from the last ``late_steps`` steps, and ``sr = policy.predict_sr(lr, x_k, k)`` carries the
-  gradient (ReFL's late-step prediction).
+  gradient (ReFL's late-step prediction);
+- a policy whose sampler carries the gradient (:class:`finpercep.types.TruncatedBackpropPolicy`,
+  the multi-step diffusers policy): DRaFT-K (Clark et al. 2024, arXiv 2309.17400),
+  ``sr = policy.sample_with_grad(lr, generator)`` with the gradient through its last K steps.
 
 The reward must be differentiable; a metric that is not (NIQE, BRISQUE, PIQE) is refused with a
 clear error (use DPO or GRPO with it).
@@ -53,7 +56,7 @@ from finpercep.rl.common import (
     seeded_generator,
     start_run,
 )
-from finpercep.types import Reward, RewardSource
+from finpercep.types import Reward, RewardSource, TruncatedBackpropPolicy
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ class ReFLConfig:
     """Weight of the L1 fidelity term ``mean |sr - hr|`` that keeps the output faithful to HR."""
     late_steps: int = 2
     """Multi-step policies: ``k`` is drawn uniformly from the last ``late_steps`` steps
-    ``K - late_steps .. K - 1`` (ReFL's late-step range)."""
+    ``K - late_steps .. K - 1`` (ReFL's late-step range). Not used by a DRaFT-K policy (its own
+    ``grad_steps``)."""
 
     def __post_init__(self) -> None:
         check_at_least("refl", 0, reward_weight=self.reward_weight, fidelity_weight=self.fidelity_weight)
@@ -117,7 +121,9 @@ def train(
             a = s.rank * per_rank + m * micro
             lr, hr = lr_all[a : a + micro].to(s.device), hr_all[a : a + micro].to(s.device)
             with timer("policy_forward"):
-                if multi:
+                if isinstance(policy, TruncatedBackpropPolicy):  # DRaFT-K
+                    sr = policy.sample_with_grad(lr, seeded_generator(cfg.seed, step, a, device=s.device))
+                elif multi:
                     gen = seeded_generator(cfg.seed, step, a, device=s.device)
                     k_max = policy.num_steps - 1
                     k = k_max - int(torch.randint(min(algo.late_steps, policy.num_steps), (1,), generator=gen, device=s.device))
