@@ -17,6 +17,12 @@
    bf16 sampling (log-probabilities finite, recomputed ones equal the sampler's), a DRaFT-K
    backward under bf16 with and without gradient checkpointing (gradients equal, only LoRA) and its
    peak memory. ``multistep_section`` runs on any device too; not yet run on a GPU.
+6. A timed ReFL step at 512x512 (LR 128x128, batch 1) on a full-size random-weight one-step model
+   (Stable Diffusion 2.1-base sizes, :func:`finpercep.policies.diffusers_tiny.write_full_size_model`,
+   or a real folder with ``--refl-model``) in bf16 with LoRA rank 4 and the shipped FinPercep-RM:
+   step time, the reward's forward + backward time and its share of the step, peak memory, with
+   gradient checkpointing on and off. ``refl_step_section`` runs on any device (the CPU test runs it
+   on the tiny model at 64x64); ``--skip-full-size`` leaves it out. Not yet run on a GPU.
 The data build and the torchrun (DDP, NCCL, 1 GPU) training run are driven by the shell command
 that calls this script (see docs/results/gpu_check.md for the exact command).
 """
@@ -120,6 +126,99 @@ def multistep_section(dev: torch.device, model: str | None = None, size: int = 3
     return res
 
 
+def refl_step_section(dev: torch.device, size: int = 512, model: str | None = None, steps: int = 3) -> dict:
+    """Check 6 of the module docstring on ``dev``: ``steps`` timed ReFL steps (after one warm-up) of
+    a batch of one ``size/4`` LR image (SR ``size`` x ``size``) with gradient checkpointing on, then
+    off (an out-of-memory there is recorded, not raised). ``model``: a one-step model folder
+    (default: a full-size random one, written to a temporary folder; its writing time is reported).
+
+    The step is :func:`refl_step`. Keys (``S`` = ``size``, ``C`` = checkpointing True / False):
+    ``refl_S_step_s_ckpt_C`` and ``refl_S_reward_s_ckpt_C`` (seconds per step, mean over ``steps``),
+    ``refl_S_reward_share_ckpt_C`` (their ratio, as ``rl train``'s ``time/reward_share``),
+    ``refl_S_peak_gib_ckpt_C`` (CUDA only: peak allocated memory of the policy, the reward and the
+    step, over what was allocated before the section), ``refl_lora_params`` (trainable), and
+    ``refl_model`` / ``refl_write_model_s``."""
+    import gc
+    import tempfile
+
+    from finpercep import load_reward
+    from finpercep.policies.diffusers_tiny import write_full_size_model
+    from finpercep.policies.diffusion_onestep import load_diffusers_policy
+
+    if size % 4 or steps < 1:
+        raise ValueError(f"refl_step_section: size must be a multiple of 4 (the LR image is size/4) and steps >= 1, "
+                         f"got size {size}, steps {steps}")
+    cuda = dev.type == "cuda"
+    base_mem = torch.cuda.memory_allocated(dev) if cuda else 0
+    g = torch.Generator().manual_seed(0)
+    lr, hr = torch.rand(1, 3, size // 4, size // 4, generator=g).to(dev), torch.rand(1, 3, size, size, generator=g).to(dev)
+    reward = load_reward(device=dev)  # the shipped FinPercep-RM, float32 (rl train runs it so)
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if model is None:
+            t = time.perf_counter()
+            folder = str(write_full_size_model(Path(tmp) / "sd21base-random"))
+            res["refl_model"] = "full-size random (SD 2.1-base sizes)"
+            res["refl_write_model_s"] = time.perf_counter() - t
+        else:
+            folder = res["refl_model"] = model
+        for ckpt in (True, False):
+            key = f"refl_{size}_%s_ckpt_{ckpt}"
+            policy = None
+            try:
+                policy = load_diffusers_policy(folder, mixed_precision="bf16", gradient_checkpointing=ckpt)
+                policy.add_lora(4, generator=torch.Generator().manual_seed(0))
+                policy.to(dev).train()
+                res["refl_lora_params"] = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                step_s, reward_s = refl_step(policy, reward, lr, hr, steps)
+                res[key % "step_s"], res[key % "reward_s"] = step_s, reward_s
+                res[key % "reward_share"] = reward_s / step_s
+                if cuda:
+                    res[key % "peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base_mem) / 2**30
+            except torch.cuda.OutOfMemoryError:  # only the run without checkpointing should risk it
+                res[key % "step_s"] = "out of memory"
+            del policy
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    return res
+
+
+def refl_step(policy: torch.nn.Module, reward, lr: torch.Tensor, hr: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Mean seconds of a ReFL step and of its reward part over ``steps`` steps after one warm-up
+    (allocator, cuDNN autotuning), on ``policy``'s trainable parameters with Adam.
+
+    The step is :func:`finpercep.rl.refl.train`'s: the reward's gradient with respect to ``sr``
+    (its forward + backward, timed alone and CUDA-synchronised by the same
+    :class:`~finpercep.rl.common.StepTimer`), then the policy's backward of ``(sr * g_sr).sum() +
+    fidelity_weight * l1(sr, hr)``, gradient clipping and the optimiser step. ``reward_weight`` is 1
+    (the timing does not depend on it); the rest are ReFLConfig's and RunConfig's defaults."""
+    import torch.nn.functional as F
+
+    from finpercep.rl.common import RunConfig, StepTimer
+    from finpercep.rl.refl import ReFLConfig
+
+    algo, run = ReFLConfig(reward_weight=1.0), RunConfig()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=run.learning_rate)
+    timers = []
+    for _ in range(steps + 1):
+        timer = StepTimer(lr.device)
+        with timer("step"):
+            sr = policy(lr)
+            sr_in = sr.detach().requires_grad_(True)
+            with timer("reward"):
+                (g_sr,) = torch.autograd.grad(-algo.reward_weight * reward(sr_in).score.mean(), sr_in)
+            ((sr * g_sr).sum() + algo.fidelity_weight * F.l1_loss(sr, hr)).backward()
+            torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        timers.append(timer.times)
+    return (sum(t["step"] for t in timers[1:]) / steps, sum(t["reward"] for t in timers[1:]) / steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/results/gpu_check.md")
@@ -127,6 +226,10 @@ def main() -> None:
                     help="a local diffusers model folder for check 4 (default: a tiny random one)")
     ap.add_argument("--diffusers-upscaler", default=None,
                     help="a local x4-upscaler-layout diffusers folder for check 5 (default: a tiny random one)")
+    ap.add_argument("--refl-model", default=None,
+                    help="a local one-step diffusers model folder for check 6 (default: a full-size random one)")
+    ap.add_argument("--skip-full-size", action="store_true",
+                    help="leave out check 6 (it writes ~4 GB of random weights to a temporary folder)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "no CUDA device"
     dev = torch.device("cuda")
@@ -195,6 +298,9 @@ def main() -> None:
     res.update(diffusers_section(dev, args.diffusers_model))
     # 5. the multi-step diffusion SR policy (x4-upscaler layout)
     res.update(multistep_section(dev, args.diffusers_upscaler))
+    # 6. a timed ReFL step at 512x512 on a full-size one-step model
+    if not args.skip_full_size:
+        res.update(refl_step_section(dev, model=args.refl_model))
 
     print(json.dumps(res, indent=2))
     lines = ["# GPU check", "", f"Device: **{name}**, torch {torch.__version__}; CPU baseline on the same machine "

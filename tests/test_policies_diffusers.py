@@ -6,6 +6,7 @@ LoRA format, and ReFL / DPO / GRPO from the library and from the command line, o
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 import sys
@@ -339,3 +340,20 @@ def test_cli_rl_train_each_algorithm_then_sr(model, pairs, tmp_path, capsys):
     assert main(["-q", "sr", str(pairs / "samples" / "0_lr.png"), "--policy", "tiny-x4", "--out", str(tmp_path / "y"),
                  "--mixed-precision", "bf16"]) == 2
     assert "diffusers policies" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check's timed ReFL step (benchmarks/gpu_check.py, check 6), on the tiny model on CPU
+
+
+def test_gpu_check_refl_step_section_runs_on_the_tiny_model_on_cpu(model):
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    res = script.refl_step_section(torch.device("cpu"), size=64, model=str(model), steps=1)
+    assert res.pop("refl_model") == str(model)
+    keys = {f"refl_64_{k}_ckpt_{c}" for k in ("step_s", "reward_s", "reward_share") for c in (True, False)}
+    assert set(res) == keys | {"refl_lora_params"}  # no peak memory off CUDA, no writing time for a given folder
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in res.values())
+    assert all(0 < res[f"refl_64_reward_share_ckpt_{c}"] < 1 for c in (True, False))
+    assert isinstance(res["refl_lora_params"], int)
