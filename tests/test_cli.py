@@ -85,4 +85,63 @@ def test_policy_train_and_list(photo_dir, tmp_path):
     r = run("policy", "train", "flow", "--photos", str(tmp_path / "nope"), "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and "no such folder" in r.stderr
     r = run("policy", "list")
-    assert r.stdout.split() == ["realesrgan-x4", "realsr-x4", "waifu2x-photo-x2", "tiny-x4", "flow-x4"]
+    names, footer = r.stdout.split("\n\n")
+    assert names.split() == ["realesrgan-x4", "realsr-x4", "waifu2x-photo-x2", "tiny-x4", "flow-x4"]
+    assert "diffusers:PATH" in footer and "checkpoint folder" in footer
+
+
+# Minimal arguments of each command that takes --device (the device is checked before any of them is read).
+DEVICE_COMMANDS = {
+    ("data", "build"): ["--images", "x", "--out", "y", "--num", "1"],
+    ("score", ""): ["x"],
+    ("rm", "train"): ["--data", "x", "--out", "y"],
+    ("sr", ""): ["x", "--policy", "tiny-x4", "--out", "y"],
+    ("rl", "train"): ["--policy", "tiny-x4", "--algo", "refl", "--data", "x", "--out", "y"],
+    ("experiment", "hacking"): ["--algo", "refl", "--policy", "tiny-x4", "--data", "x", "--test-data", "x",
+                                "--judge", "x", "--out", "y"],
+}
+
+
+def test_device_commands_are_every_command_with_a_device_option():
+    import argparse
+
+    from finpercep.cli import _add_options
+
+    def has_device(key):
+        p = argparse.ArgumentParser()
+        _add_options(key, p)
+        return "--device" in p._option_string_actions
+
+    assert sorted(k for k in COMMANDS if has_device(k)) == sorted(DEVICE_COMMANDS)
+
+
+@pytest.mark.parametrize("key", list(DEVICE_COMMANDS))
+@pytest.mark.parametrize("device, words", [
+    ("gpu", "--device gpu: not a torch device (cpu, cuda, cuda:0, ...)"),
+    ("cuda:99", "--device cuda:99: "),
+])
+def test_a_bad_device_is_one_line_for_every_command(key, device, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the dummy paths are never created
+    assert main([*(k for k in key if k), *DEVICE_COMMANDS[key], "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"finpercep: error: {words}") and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_cuda_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has a CUDA device")
+    r = run("sr", "x.png", "--policy", "tiny-x4", "--out", "y", "--device", "cuda")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    want = ("CUDA is not available in this torch build" if not torch.backends.cuda.is_built()
+            else "no CUDA device is visible")
+    assert f"--device cuda: {want}; use --device cpu" in r.stderr
+
+
+def test_sigma_with_refl_warns(tmp_path, caplog):
+    caplog.set_level("WARNING")
+    assert main(["-q", "rl", "train", "--policy", "tiny-x4", "--algo", "refl", "--sigma", "0.1",
+                 "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")]) == 2
+    assert "--sigma has no effect with --algo refl" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -102,6 +103,36 @@ def test_a_missing_folder_or_part_is_one_line_naming_it(model, tmp_path, remove,
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("part, damage, words", [
+    ("unet/config.json", b"{ not json", r"unet/config.json: not valid JSON \("),
+    ("vae/config.json", b"[4]", r"vae/config.json: expected a JSON object"),
+    ("scheduler/scheduler_config.json", b"", r"scheduler/scheduler_config.json: not valid JSON \("),
+    ("unet/diffusion_pytorch_model.safetensors", "half", r"unet/diffusion_pytorch_model.safetensors: not a complete "
+                                                          r"safetensors file \(.*\); the file is damaged"),
+    ("vae/diffusion_pytorch_model.safetensors", b"", r"vae/diffusion_pytorch_model.safetensors: not a complete"),
+])
+def test_a_broken_config_or_weights_file_is_one_line_naming_it(model, tmp_path, part, damage, words):
+    folder = tmp_path / "broken-model"
+    shutil.copytree(model, folder)
+    target = folder / part
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2] if damage == "half" else damage)
+    with pytest.raises(ValueError, match=words) as e:
+        load_policy(f"diffusers:{folder}")
+    assert "\n" not in str(e.value) and str(e.value).count(str(target)) == 1
+
+
+def test_an_empty_diffusers_path_and_a_moved_base_model_are_one_line(model, tmp_path):
+    with pytest.raises(ValueError, match=r"^diffusers: needs a model folder path \(diffusers:PATH\)$"):
+        load_policy("diffusers:")
+    base = shutil.copytree(model, tmp_path / "base")
+    ckpt = load_diffusers_policy(base).save_checkpoint(tmp_path / "ckpt")
+    shutil.rmtree(base)  # the base folder moved away
+    with pytest.raises(FileNotFoundError, match=rf"base model folder .*base .*is missing; edit base_model in "
+                                                rf"{re.escape(str(ckpt / 'config.json'))} .*base_model=") as e:
+        load_policy(ckpt)
+    assert "\n" not in str(e.value)
+
+
 def test_importing_the_policy_modules_needs_no_diffusers_and_a_missing_extra_is_named(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # what an environment without the extra looks like
     with pytest.raises(ImportError, match=r"pip install 'finpercep\[diffusers\]'"):
@@ -134,11 +165,14 @@ def test_forward_is_osediff_one_step_through_diffusers_own_scheduler(model):
     assert odd.shape == (1, 3, 20, 28)
 
 
-def test_v_prediction_and_text_encoder_folders(tmp_path):
+def test_v_prediction_and_text_encoder_folders(tmp_path, capfd):
     """A v-prediction schedule and a folder with a CLIP text encoder instead of the embedding file."""
     import transformers
 
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     folder = write_tiny_model(tmp_path / "m", text_encoder=True, prediction_type="v_prediction")
+    assert "Writing model shards" not in capfd.readouterr().err  # the library prints no progress bar
+    assert transformers.utils.logging.is_progress_bar_enabled() == bars  # and leaves the caller's setting
     policy = load_policy(f"diffusers:{folder}")
     tok = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
     enc = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")

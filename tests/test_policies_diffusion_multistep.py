@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_the_folder_rule_picks_the_multistep_policy_and_its_errors_are_one_line(
 
     onestep = write_tiny_model(tmp_path / "onestep")
     assert policy_kind(onestep) == "onestep" and isinstance(load_policy(f"diffusers:{onestep}"), OneStepDiffusionSR)
-    with pytest.raises(ValueError, match=r"\['num_steps'\] apply to multi-step"):
+    with pytest.raises(ValueError, match=r"^--sampling-steps \(num_steps\) applies to multi-step .* is a one-step model$"):
         load_policy(f"diffusers:{onestep}", num_steps=4)
     (onestep / "finpercep_policy.json").write_text(json.dumps({"policy": "multistep", "noise_level": 0}))  # card > rule
     with pytest.raises(ValueError, match="UNet takes 4 channels, the x4-upscaler layout needs the latent's 4 \\+ 3"):
@@ -119,10 +120,22 @@ def test_the_folder_rule_picks_the_multistep_policy_and_its_errors_are_one_line(
     shutil.rmtree(folder / "vae")
     with pytest.raises(FileNotFoundError, match=r"vae/ is missing"):
         load_policy(f"diffusers:{folder}")
-    with pytest.raises(ValueError, match="grad_steps must be in \\[1, 2\\]"):
-        policy_of(upscaler, num_steps=2, grad_steps=3)
-    with pytest.raises(ValueError, match="eta must be in \\(0, 1\\]"):
+
+
+def test_option_errors_name_the_flag_or_the_card_the_value_came_from(upscaler, tmp_path):
+    with pytest.raises(ValueError, match=r"^--draft-k \(grad_steps\) must be in \[1, 2\], got 5$"):
+        policy_of(upscaler, num_steps=2, grad_steps=5)  # no card: no file is named
+    with pytest.raises(ValueError, match=r"^--eta \(eta\) must be in \(0, 1\]"):
         policy_of(upscaler, eta=0.0)
+    folder = tmp_path / "carded"
+    shutil.copytree(upscaler, folder)
+    card = folder / "finpercep_policy.json"
+    card.write_text(json.dumps({"num_steps": 2, "grad_steps": 3}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(card))}: grad_steps must be in \[1, 2\], got 3$"):
+        load_policy(f"diffusers:{folder}")
+    card.write_text(json.dumps({"num_steps": 2}))
+    with pytest.raises(ValueError, match=r"^--draft-k \(grad_steps\) must be in \[1, 2\], got 4$"):  # the flag's value
+        load_policy(f"diffusers:{folder}", grad_steps=4)
 
 
 def test_forward_and_sample_shapes_and_ranges(upscaler):
@@ -313,3 +326,19 @@ def test_cli_rl_train_each_algorithm_on_the_upscaler_folder(upscaler, pairs, tmp
         final = load_policy(out / "final")
         assert isinstance(final, MultiStepDiffusionSR) and final.num_steps == 2 and final.cfg.eta == 0.9
     assert json.loads((tmp_path / "refl" / "final" / "config.json").read_text())["config"]["grad_steps"] == 2
+
+
+def test_cli_warns_of_options_without_effect(upscaler, pairs, tmp_path, caplog):
+    """--draft-k with dpo / grpo, --sigma on a multi-step policy, fp16 autocast on a CPU: a warning, not a refusal."""
+    caplog.set_level("WARNING")
+    argv = ["-q", "rl", "train", "--policy", f"diffusers:{upscaler}", "--algo", "grpo", "--draft-k", "2", "--sigma",
+            "0.1", "--mixed-precision", "fp16", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2  # the missing data set stops it after the warnings
+    text = caplog.text
+    assert "--draft-k has no effect with --algo grpo" in text
+    assert f"--sigma has no effect on diffusers:{upscaler}" in text
+    assert "--mixed-precision fp16 on --device cpu" in text
+    caplog.clear()
+    assert main(["-q", "rl", "train", "--policy", f"diffusers:{upscaler}", "--algo", "refl", "--draft-k", "2",
+                 "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")]) == 2
+    assert "no effect" not in caplog.text  # --draft-k is refl's

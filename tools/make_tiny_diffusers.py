@@ -2,15 +2,18 @@
 ``--policy diffusers:PATH`` without real weights (:func:`finpercep.policies.diffusers_tiny.write_tiny_model`)::
 
     .venv/bin/python tools/make_tiny_diffusers.py runs/tiny-diffusers
+    .venv/bin/finpercep data build --images runs/photos/train --out runs/tiny-pairs --num 4 --crop 32 \\
+        --families bicubic --masks-per-sr 1 --workers 1
     .venv/bin/finpercep rl train --policy diffusers:runs/tiny-diffusers --algo refl --reward l1 \\
-        --data DATASET --out runs/tiny-refl --steps 2 --batch 2 --crop 32 --lora-rank 2
+        --data runs/tiny-pairs --out runs/tiny-refl --steps 2 --batch 2 --crop 32 --lora-rank 2
 
 The folder has the layout of a real one (``unet/``, ``vae/``, ``scheduler/``,
 ``prompt_embeds.safetensors``; ``--text-encoder`` writes a tiny CLIP ``text_encoder/`` +
 ``tokenizer/`` instead of the embedding file). ``--upscaler`` writes the Stable Diffusion x4
 upscaler layout instead (UNet on latent + LR image, x4 VAE, ``low_res_scheduler/``), which
 ``--policy diffusers:PATH`` runs as the multi-step policy. Its outputs mean nothing: it checks the plumbing.
-Needs the diffusers extra (``pip install 'finpercep[diffusers]'``).
+Needs the diffusers extra (``pip install 'finpercep[diffusers]'``). This script is in the repository only;
+a pip-installed finpercep has the function it calls, ``finpercep.policies.diffusers_tiny.write_tiny_model``.
 """
 
 from __future__ import annotations

@@ -44,6 +44,30 @@ def _os_error_line(e: OSError) -> str:
     return f"{what}{where} ({e.strerror or e})"
 
 
+def _check_device(value: str) -> None:
+    """Raise UserError in one line when ``--device value`` is not a device this torch can use: not
+    a torch device name at all (``gpu``), CUDA without CUDA (a CPU-only build, or no GPU visible),
+    a CUDA index past the last device, or MPS where there is none."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {value}: not a torch device (cpu, cuda, cuda:0, ...)") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise UserError(f"--device {value}: CUDA is not available in this torch build; use --device cpu")
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"--device {value}: no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?); "
+                            "use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {value}: there {'is' if n == 1 else 'are'} {n} CUDA device{'s' * (n > 1)} "
+                            f"(cuda:0 .. cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {value}: MPS is not available here; use --device cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # photos
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +262,9 @@ def cmd_sr(args: argparse.Namespace) -> int:
     if args.context < 0:
         raise UserError(f"--context must be >= 0 LR pixels, got {args.context}")
     out = _output_folder("--out", args.out)
-    policy = load_policy(args.policy, args.device, **_policy_options(args))
+    options = _policy_options(args)
+    _check_policy_options(args.policy, options, args.device)
+    policy = load_policy(args.policy, args.device, **options)
     return run_sr(args.paths, policy, out, tile=args.tile, context=args.context, device=args.device,
                   progress=not args.quiet)
 
@@ -253,11 +279,48 @@ def _policy_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def _diffusers_kind(policy: str) -> str | None:
+    """``"onestep"`` / ``"multistep"`` for a ``--policy`` that is a diffusers model folder or
+    checkpoint, else None (also when it cannot be read: loading it reports that in its own words)."""
+    from finpercep.policies import diffusion_base, diffusion_multistep, diffusion_onestep
+
+    path = policy.removeprefix(diffusion_base.PREFIX)
+    if not path.strip():
+        return None
+    arch = diffusion_base.checkpoint_arch(path)
+    if arch in (diffusion_onestep.ARCH, diffusion_multistep.ARCH):
+        return "multistep" if arch == diffusion_multistep.ARCH else "onestep"
+    if not policy.startswith(diffusion_base.PREFIX):
+        return None
+    try:
+        return diffusion_base.policy_kind(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_policy_options(policy: str, options: dict, device: str) -> None:
+    """The diffusers options given to a policy that is not one: a UserError naming the flags (the
+    library's would name keywords). ``--mixed-precision fp16`` on a CPU: a warning."""
+    from finpercep.policies import diffusion_base
+
+    if not options:
+        return
+    if not policy.startswith(diffusion_base.PREFIX) and not (Path(policy).is_dir() and diffusion_base.is_checkpoint(policy)):
+        flags = ", ".join(diffusion_base.OPTION_FLAGS[k] for k in options)
+        raise UserError(f"{flags}: for diffusers policies (--policy diffusers:PATH or their checkpoints) only, "
+                        f"not {policy!r}")
+    if options.get("mixed_precision") == "fp16" and device.startswith("cpu"):
+        log.warning("--mixed-precision fp16 on --device %s: float16 autocast on a CPU is slow and imprecise; "
+                    "use bf16 (or no) on a CPU", device)
+
+
 def cmd_policy_list(args: argparse.Namespace) -> int:
     from finpercep.policies import POLICIES
 
     for name in POLICIES:
         print(name)
+    print("\n--policy also takes diffusers:PATH (a local diffusers model folder, `pip install "
+          "'finpercep[diffusers]'`) and a checkpoint folder (e.g. RUN/final of `finpercep rl train`)")
     return 0
 
 
@@ -296,12 +359,29 @@ def cmd_rl_train(args: argparse.Namespace) -> int:
                crop=args.crop, dense_credit=args.dense_credit, gaussian_sigma=args.sigma)
     cfg = load_config(RLConfig, args.config, run=run, dpo=dict(group_size=args.group_size),
                       grpo=dict(group_size=args.group_size), curriculum=dict(mode=args.curriculum))
+    options = _policy_options(args)
+    _check_policy_options(args.policy, options, args.device)
+    _warn_unused_options(args)
     final = fine_tune(args.policy, args.algo, args.reward, args.data, args.out, cfg, checkpoint=args.checkpoint,
-                      device=args.device, progress=not args.quiet, policy_options=_policy_options(args))
+                      device=args.device, progress=not args.quiet, policy_options=options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"fine-tuned policy: {final} (use it with `finpercep sr IMAGES --policy {final} --out DIR`)")
         print(f"metrics: {Path(args.out) / 'metrics.jsonl'}, samples: {Path(args.out) / 'samples'}")
     return 0
+
+
+def _warn_unused_options(args: argparse.Namespace) -> None:
+    """A warning (not a refusal) for an ``rl train`` option that has no effect in this run."""
+    if args.draft_k is not None and args.algo != "refl":
+        log.warning("--draft-k has no effect with --algo %s (it sets how many sampler steps ReFL backpropagates "
+                    "through)", args.algo)
+    if args.sigma is not None:
+        if args.algo == "refl":
+            log.warning("--sigma has no effect with --algo refl (it is the sampling noise of dpo / grpo on a "
+                        "one-step policy)")
+        elif args.policy == "flow-x4" or _diffusers_kind(args.policy) == "multistep":
+            log.warning("--sigma has no effect on %s: a multi-step policy samples with its own sampler's noise "
+                        "(--eta for a diffusers one)", args.policy)
 
 
 def cmd_experiment_hacking(args: argparse.Namespace) -> int:
@@ -455,7 +535,8 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
                        help="policy name (`finpercep policy list`), diffusers:MODEL_FOLDER, or checkpoint folder")
         p.add_argument("--algo", required=True, choices=("refl", "dpo", "grpo"),
                        help="refl: reward backprop; dpo / grpo: sampled outputs ranked by the reward (flow-x4 "
-                            "samples in K steps; a one-step policy as N(f(lr), sigma^2))")
+                            "and multi-step diffusers policies sample in K steps; a one-step policy as "
+                            "N(f(lr), sigma^2))")
         p.add_argument("--reward", default=None,
                        help="reward spec, e.g. finpercep, finpercep:2, fused:3, niqe, finpercep+0.5*l1 "
                             "(`finpercep rl rewards`; default: finpercep); not with a --curriculum")
@@ -472,12 +553,16 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--batch", type=int, default=None, help="LR images per step, all processes together")
         p.add_argument("--group-size", type=int, default=None, help="samples per LR image (dpo, grpo)")
         p.add_argument("--lr", type=float, default=None, help="learning rate")
-        p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on every convolution; 0 = full fine-tune")
+        p.add_argument("--lora-rank", type=int, default=None,
+                       help="LoRA rank on every convolution; 0 = full fine-tune. diffusers policies: peft LoRA on "
+                            "the UNet's attention, feed-forward and ResNet layers, rank >= 1 required")
         p.add_argument("--crop", type=int, default=None, help="HR crop size (0 = whole images)")
         p.add_argument("--dense-credit", type=float, default=None,
                        help="weight the update per pixel by the reward's map, strength a (0 = off)")
         p.add_argument("--sigma", type=float, default=None,
-                       help="dpo / grpo on a one-step policy (realsr-x4 ...): sample N(f(lr), sigma^2) (default: 0.02)")
+                       help="dpo / grpo on a one-step policy (realsr-x4 ..., a one-step diffusers folder): sample "
+                            "N(f(lr), sigma^2) (default: 0.02); no effect on flow-x4 or a multi-step diffusers "
+                            "policy (their sampler's noise, --eta)")
         p.add_argument("--seed", type=int, default=None, help="seed")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
         _add_diffusers_options(p, training=True)
@@ -572,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:  # every command with --device: checked once, here
+            _check_device(args.device)
         return int(args.func(args) or 0)
     except (UserError, ValueError) as e:
         print(f"finpercep: error: {e}", file=sys.stderr)

@@ -11,7 +11,8 @@ A **model folder** is the layout ``save_pretrained`` writes (one sub-folder per 
 
 Everything is read from disk (``local_files_only``, safetensors only: a pickled ``.bin`` is never
 loaded); nothing is downloaded. A missing folder or part is a one-line ``FileNotFoundError``
-naming what is missing.
+naming what is missing; a config that is not JSON or a weights file that is not a complete
+safetensors file (truncated, empty, damaged) is a one-line ``ValueError`` naming the file.
 
 A **LoRA file** is what ``StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=...,
 unet_lora_adapter_metadata=...)`` writes: one safetensors file whose keys are peft's
@@ -54,9 +55,11 @@ def diffusers() -> Any:
 
 
 def check_model_folder(folder: str | Path) -> Path:
-    """``folder`` as a model folder with every part present; returns it. Raises FileNotFoundError in
-    one line naming the first missing part (the folder, ``unet/config.json``, ``unet/`` weights,
-    ``vae/...``, ``scheduler/scheduler_config.json``, or the text conditioning)."""
+    """``folder`` as a model folder with every part present and readable; returns it. Raises
+    FileNotFoundError in one line naming the first missing part (the folder, ``unet/config.json``,
+    ``unet/`` weights, ``vae/...``, ``scheduler/scheduler_config.json``, or the text conditioning),
+    ValueError in one line naming a config file that is not a JSON object or a weights file that is
+    not a complete safetensors file (only its header is read: cheap for multi-GB weights)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers model folder {folder} not found (expected a folder with {LAYOUT})")
@@ -73,7 +76,38 @@ def check_model_folder(folder: str | Path) -> Path:
         if missing:
             raise FileNotFoundError(f"diffusers model folder {folder}: no text conditioning: {PROMPT_EMBEDS} is missing "
                                     f"and so is {' and '.join(m + '/' for m in missing)}")
+    for part, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        read_config(folder / part / name)
+    for part in ("unet", "vae"):
+        check_safetensors(folder / part / WEIGHTS)
     return folder
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON object in the config file ``path``. Raises ValueError in one line naming the file
+    when it is not valid JSON or not an object (diffusers' own message would not name it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(data).__name__}")
+    return data
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError in one line naming ``path`` when it is not a complete safetensors file
+    (empty, truncated, damaged or another format), the wording of :func:`finpercep.io._read_safetensors`.
+    Only the header is read (and checked against the file's size), not the tensors: diffusers then
+    loads them, but its own error for a bad file is vague and repeats the path."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            f.keys()
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a complete safetensors file ({e}); the file is damaged or was cut short: "
+                         "copy or save it again") from None
 
 
 def load_unet(folder: Path) -> nn.Module:
@@ -104,7 +138,9 @@ def load_schedule(folder: Path, part: str = "scheduler") -> NoiseSchedule:
     """The noise schedule of ``folder/part`` (``scheduler``; the x4 upscaler's ``low_res_scheduler``).
     Any scheduler of the DDPM family (DDPM, DDIM, ...) is read through ``DDPMScheduler``'s config
     keys (``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
-    ``trained_betas``, ``prediction_type``, ``clip_sample``, ``clip_sample_range``)."""
+    ``trained_betas``, ``prediction_type``, ``clip_sample``, ``clip_sample_range``). Raises ValueError
+naming ``scheduler_config.json`` when it is not a JSON object."""
+    read_config(folder / part / "scheduler_config.json")  # a one-line error naming the file, not diffusers'
     d = diffusers()
     sched = d.DDPMScheduler.from_config(d.DDPMScheduler.load_config(folder / part, local_files_only=True))
     c = sched.config

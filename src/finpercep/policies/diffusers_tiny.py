@@ -123,4 +123,11 @@ def _write_text_encoder(folder: Path) -> None:
     enc = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(words), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=PROMPT_LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    enc.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar (one shard): a library prints no bars
+    try:
+        enc.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -53,6 +53,16 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
 """UNet modules that get LoRA adapters (attention, feed-forward and ResNet convolutions, as OSEDiff)."""
 KINDS = ("onestep", "multistep")
 """The values of the policy card's ``"policy"`` field."""
+OPTION_FLAGS = {"mixed_precision": "--mixed-precision", "gradient_checkpointing": "--gradient-checkpointing",
+                "num_steps": "--sampling-steps", "grad_steps": "--draft-k", "eta": "--eta"}
+"""Load option (keyword of :func:`load_diffusers`) -> the command-line flag that sets it. Errors
+about an option name both, ``--draft-k (grad_steps)``: the CLI user knows the flag, a Python caller
+the keyword."""
+
+
+def option_name(key: str) -> str:
+    """``--draft-k (grad_steps)`` for a load option of :data:`OPTION_FLAGS`; other keys as they are."""
+    return f"{OPTION_FLAGS[key]} ({key})" if key in OPTION_FLAGS else key
 
 
 class DiffusersPolicy(nn.Module):
@@ -72,7 +82,8 @@ class DiffusersPolicy(nn.Module):
                  mixed_precision: str = "no", gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION)}, got {mixed_precision!r}")
+            raise ValueError(f"{option_name('mixed_precision')} must be one of {sorted(MIXED_PRECISION)}, "
+                             f"got {mixed_precision!r}")
         self.base_model = Path(base_model)
         self.unet, self.vae = unet.requires_grad_(False), vae.requires_grad_(False)
         self.register_buffer("prompt_embeds", prompt_embeds.float(), persistent=False)  # (1, L, D)
@@ -151,12 +162,15 @@ class DiffusersPolicy(nn.Module):
 @dataclass(frozen=True)
 class Source:
     """Where a diffusers policy comes from: the model folder, the policy's config fields, the LoRA
-    files to fuse (in order) and the name a checkpoint recorded (``None`` for a model folder)."""
+    files to fuse (in order), the name a checkpoint recorded (``None`` for a model folder) and the
+    file ``config`` was read from (the policy card or the checkpoint's ``config.json``; ``None``
+    when there is none)."""
 
     base: Path
     config: dict[str, Any]
     adapters: tuple[Path, ...] = ()
     name: str | None = None
+    origin: Path | None = None
 
 
 def checkpoint_arch(path: str | Path) -> str | None:
@@ -182,16 +196,19 @@ def read_source(path: Path, arch: str, base_model: str | Path | None = None) -> 
             raise ValueError(f"{path / 'config.json'}: adapters must be a list of file names in the folder")
         base = Path(base_model or meta.get("base_model", ""))
         if not base.is_dir():
-            raise FileNotFoundError(f"{path}: its base model folder {base} (recorded in config.json) is missing; "
-                                    "pass base_model= the model folder it was fine-tuned from")
+            where = "given as base_model" if base_model else f"recorded in {path / 'config.json'}"
+            raise FileNotFoundError(f"{path}: its base model folder {base} ({where}) is missing; edit base_model in "
+                                    f"{path / 'config.json'} to the folder it was fine-tuned from (or, from Python, "
+                                    "pass base_model=)")
         config = meta.get("config", {})
         if not isinstance(config, dict):
             raise ValueError(f"{path / 'config.json'}: config must be a mapping")
-        return Source(base, config, tuple(path / n for n in names), str(meta.get("name", "")) or None)
+        return Source(base, config, tuple(path / n for n in names), str(meta.get("name", "")) or None,
+                      origin=path / "config.json")
     base = Path(base_model or path)
     card = read_card(base)
     card.pop("policy", None)
-    return Source(base, card)
+    return Source(base, card, origin=base / POLICY_CARD if (base / POLICY_CARD).is_file() else None)
 
 
 def read_card(folder: Path) -> dict[str, Any]:
@@ -220,8 +237,8 @@ def policy_kind(folder: str | Path) -> str:
             raise ValueError(f"{folder / POLICY_CARD}: policy must be one of {list(KINDS)}, got {kind!r}")
         return kind
     folder_io.check_model_folder(folder)
-    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    unet = folder_io.read_config(folder / "unet" / "config.json")
+    vae = folder_io.read_config(folder / "vae" / "config.json")
     c_in, c_lat = int(unet.get("in_channels", 4)), int(vae.get("latent_channels", 4))
     if c_in == c_lat:
         return "onestep"
@@ -234,9 +251,23 @@ def policy_kind(folder: str | Path) -> str:
 
 def config_of(cls: type, source: Source, overrides: dict[str, Any]) -> Any:
     """The policy config ``cls`` from ``source.config`` with ``overrides`` (options given at load,
-    ``None`` values ignored) on top. Raises ValueError for unknown or invalid fields."""
-    where = f"{source.base / POLICY_CARD}:" if source.name is None else f"{cls.__name__}:"
-    return from_dict(cls, {**source.config, **{k: v for k, v in overrides.items() if v is not None}}, where=where)
+    ``None`` values ignored) on top. Raises ValueError for unknown or invalid fields, naming where
+    the bad value came from: an override by its flag and keyword (``--draft-k (grad_steps) must be
+    in [1, 2], got 5``), a value of the card or checkpoint by that file (``M/finpercep_policy.json:
+    grad_steps must be ...``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return from_dict(cls, {**source.config, **given})  # messages say ``Cls.field ...``
+    except ValueError as e:
+        msg, by_option = str(e), False
+        for field in sorted(set(source.config) | set(given), key=len, reverse=True):  # longest first
+            at = f"{cls.__name__}.{field}"
+            if at in msg:
+                by_option |= field in given
+                msg = msg.replace(at, option_name(field) if field in given else field)
+        if source.origin is not None and not by_option:  # the value came from the card / checkpoint
+            msg = f"{source.origin}: {msg}"
+        raise ValueError(msg) from None
 
 
 def load_parts(base: Path) -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -276,6 +307,8 @@ def load_diffusers(path: str | Path, **options: Any) -> DiffusersPolicy:
     take (e.g. ``num_steps`` for a one-step folder) is a ValueError naming it."""
     from finpercep.policies import diffusion_multistep, diffusion_onestep
 
+    if not str(path).strip():  # ``diffusers:`` alone; Path("") would be the working directory
+        raise ValueError(f"{PREFIX.rstrip(':')}: needs a model folder path ({PREFIX}PATH)")
     arch = checkpoint_arch(path)
     multi = arch == diffusion_multistep.ARCH or (arch != diffusion_onestep.ARCH and policy_kind(
         options.get("base_model") or path) == "multistep")
@@ -283,5 +316,7 @@ def load_diffusers(path: str | Path, **options: Any) -> DiffusersPolicy:
         return diffusion_multistep.load_multistep_policy(path, **options)
     extra = sorted(set(options) - {"mixed_precision", "gradient_checkpointing", "base_model"})
     if extra:
-        raise ValueError(f"{extra} apply to multi-step diffusers policies (x4-upscaler layout) only; {path} is one-step")
+        names = ", ".join(option_name(k) for k in extra)
+        raise ValueError(f"{names} {'applies' if len(extra) == 1 else 'apply'} to multi-step diffusers policies "
+                         f"(x4-upscaler layout) only; {path} is a one-step model")
     return diffusion_onestep.load_diffusers_policy(path, **options)
