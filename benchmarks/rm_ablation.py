@@ -1,12 +1,13 @@
 """The reward model's targets and its ablation table, from the JSON files the two benchmarks write.
 
-    python benchmarks/rm_ablation.py --row LABEL=EVAL_JSON [--row ...] --hack HACK_JSON
+    python benchmarks/rm_ablation.py --row LABEL=EVAL_JSON [--row ...] --hack HACK_JSON [--hack ...]
         [--title TITLE] [--intro TEXT] [--out docs/results/rm_v2_ablation.md]
 
 Each ``--row`` is one model: ``EVAL_JSON`` is what ``benchmarks/rm_eval.py`` wrote for its run (map
-AUROC, ordering, local drops on the test data set), and ``LABEL`` names the same model in
-``HACK_JSON``, what ``benchmarks/rm_hackability.py`` wrote with ``--model LABEL=...`` (edit checks,
-whole-SR check, pixel-space ascent on the test photos). Nothing is recomputed: the page is the
+AUROC, ordering, local drops on the test data set), and ``LABEL`` names the same model in one of the
+``HACK_JSON`` files, what ``benchmarks/rm_hackability.py`` wrote with ``--model LABEL=...`` (edit checks,
+whole-SR check, pixel-space ascent on the test photos; several files are merged by label, the first
+file naming a label wins). Nothing is recomputed: the page is the
 numbers of those two commands side by side, one row per model in the order given, and the issue-#11
 target table for the last row (must reach, goal, status). Writes ``--out`` and the same name ``.json``.
 """
@@ -30,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", action="append", required=True, metavar="LABEL=EVAL_JSON",
                     help="a model: its label in --hack and the JSON of benchmarks/rm_eval.py for its run")
-    ap.add_argument("--hack", required=True, type=Path, help="JSON of benchmarks/rm_hackability.py with every label")
+    ap.add_argument("--hack", action="append", required=True, type=Path,
+                    help="JSON of benchmarks/rm_hackability.py naming some of the labels (repeatable)")
     ap.add_argument("--title", default="Reward model v2: ablation and targets")
     ap.add_argument("--intro", default="", help="a paragraph under the title (what the rows are)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/rm_v2_ablation.md"))
@@ -42,6 +44,18 @@ def _read(path: Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         sys.exit(f"error: cannot read {path}: {e}")
+
+
+def merge_hack(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several rm_hackability reports as one: per part (edits, whole_sr, ascent) the models of every
+    file, the first file naming a model wins; ``setup.commands`` lists every file's command."""
+    out: dict[str, Any] = {"edits": {}, "whole_sr": {}, "ascent": {},
+                           "setup": {"commands": [p.get("setup", {}).get("command", "") for p in parts]}}
+    for p in parts:
+        for part in ("edits", "whole_sr", "ascent"):
+            for label, v in p.get(part, {}).items():
+                out[part].setdefault(label, v)
+    return out
 
 
 def model_row(label: str, ev: dict[str, Any], hack: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +100,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, h
         md += [args.intro, ""]
     md += ["Evaluations behind each row (map, ordering and drops on the test data set):", ""]
     md += [f"- {r['label']}: `{r['eval_command']}`" for r in rows]
-    md += [f"- edit checks, whole-SR check and pixel-space ascent (test photos): `{hack['setup'].get('command', '')}`",
-           ""]
+    md += [f"- edit checks, whole-SR check and pixel-space ascent (test photos): `{c}`"
+           for c in hack["setup"]["commands"]] + [""]
 
     md += ["## Ablation", "",
            "Map AUROC against the swap mask, ordering S_HR > S_syn > S_SR and local drops from `rm_eval.py`; "
@@ -130,7 +144,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, h
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/rm_ablation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    hack = _read(args.hack)
+    hack = merge_hack([_read(p) for p in args.hack])
     rows = []
     for spec in args.row:
         label, sep, path = spec.partition("=")

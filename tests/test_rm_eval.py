@@ -240,3 +240,14 @@ def test_ablation_page_puts_both_benchmarks_side_by_side(bench, tmp_path) -> Non
     assert rows["whole real-SR output below its HR"]["status"] == "reached"
     with pytest.raises(SystemExit, match="model 'x' is not in the hackability JSON"):
         script.main(["--row", f"x={ev}", "--hack", str(tmp_path / "hack.json"), "--out", str(out)])
+    # A second benchmark file adds models; where both name one, the first file's numbers are used.
+    other = json.loads(json.dumps(hack).replace('"m"', '"n"'))
+    other["setup"]["command"] = "python benchmarks/rm_hackability.py --model n=run2"
+    other["edits"]["n"]["gamma 2.2"]["below"] = 1.0
+    other["edits"]["m"] = {"black": check, "gamma 2.2": check}
+    (tmp_path / "hack2.json").write_text(json.dumps(other))
+    assert script.main(["--row", f"m={ev}", "--row", f"n={ev}", "--hack", str(tmp_path / "hack.json"),
+                        "--hack", str(tmp_path / "hack2.json"), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "1 / 2 (worst gamma 2.2 50.0 %)" in md and "| n | " in md and "2 / 2 (worst black 100.0 %)" in md
+    assert "--model m=run`" in md and "--model n=run2`" in md
