@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a model: its label in --hack and the JSON of benchmarks/rm_eval.py for its run")
     ap.add_argument("--hack", action="append", required=True, type=Path,
                     help="JSON of benchmarks/rm_hackability.py naming some of the labels (repeatable)")
+    ap.add_argument("--alias", action="append", default=[], metavar="LABEL=HACK_LABEL",
+                    help="the model of row LABEL is named HACK_LABEL in the --hack files (e.g. a model since renamed)")
     ap.add_argument("--title", default="Reward model v2: ablation and targets")
     ap.add_argument("--intro", default="", help="a paragraph under the title (what the rows are)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/rm_v2_ablation.md"))
@@ -58,13 +60,15 @@ def merge_hack(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def model_row(label: str, ev: dict[str, Any], hack: dict[str, Any]) -> dict[str, Any]:
-    """Every number of one model: rm_eval's targets (by name) and the edit / whole-SR / ascent results."""
+def model_row(label: str, ev: dict[str, Any], hack: dict[str, Any], hack_label: str | None = None) -> dict[str, Any]:
+    """Every number of one model: rm_eval's targets (by name) and the edit / whole-SR / ascent results
+    of ``hack_label`` (default: ``label``) in the merged hackability report."""
+    key = hack_label or label
     for part in ("edits", "whole_sr", "ascent"):
-        if label not in hack.get(part, {}):
-            sys.exit(f"error: model {label!r} is not in the hackability JSON's {part} "
+        if key not in hack.get(part, {}):
+            sys.exit(f"error: model {key!r} is not in the hackability JSON's {part} "
                      f"(it has {sorted(hack.get(part, {}))})")
-    edits, whole, asc = hack["edits"][label], hack["whole_sr"][label], hack["ascent"][label]
+    edits, whole, asc = hack["edits"][key], hack["whole_sr"][key], hack["ascent"][key]
     return {
         "label": label,
         "eval_targets": check_targets(ev),  # recomputed: files written before issue #11's targets have others
@@ -145,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/rm_ablation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     hack = merge_hack([_read(p) for p in args.hack])
+    aliases = dict(a.partition("=")[::2] for a in args.alias)
     rows = []
     for spec in args.row:
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
             sys.exit(f"error: --row wants LABEL=EVAL_JSON, got {spec!r}")
-        rows.append(model_row(label, _read(Path(path)), hack))
+        rows.append(model_row(label, _read(Path(path)), hack, aliases.get(label)))
     md = render(rows, args, command, hack)
     atomic_write_bytes(args.out, md.encode())
     save_json(args.out.with_suffix(".json"), {"command": command, "rows": rows,

@@ -251,3 +251,7 @@ def test_ablation_page_puts_both_benchmarks_side_by_side(bench, tmp_path) -> Non
     md = out.read_text()
     assert "1 / 2 (worst gamma 2.2 50.0 %)" in md and "| n | " in md and "2 / 2 (worst black 100.0 %)" in md
     assert "--model m=run`" in md and "--model n=run2`" in md
+    # --alias: a row whose model the hackability files name differently
+    assert script.main(["--row", f"renamed={ev}", "--alias", "renamed=n", "--hack", str(tmp_path / "hack2.json"),
+                        "--out", str(out)]) == 0
+    assert "| renamed | " in out.read_text() and "2 / 2 (worst black 100.0 %)" in out.read_text()
