@@ -1,5 +1,6 @@
-"""Tiny RL test material shared by tests/test_rl.py and tests/test_faults_training.py: x4 LR/HR pairs
-in the FGR manifest format, tiny seeded policies and a toy differentiable reward with a map."""
+"""Tiny RL test material shared by tests/test_rl.py, tests/test_faults_training.py and the diffusers
+policy tests: x4 LR/HR pairs in the FGR manifest format, tiny seeded policies, a toy differentiable
+reward with a map, a constant reward, and the LoRA / base weights of a peft-adapted policy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from finpercep.policies.flow import FlowConfig, FlowSR
+from finpercep.policies.gaussian import GaussianPolicy
 from finpercep.policies.tiny import TinyConfig, TinySR
 from finpercep.types import RewardOutput
 
@@ -51,3 +53,24 @@ class ToyReward:
 
     def to(self, device):
         return self
+
+
+class ConstantReward(ToyReward):
+    """The same score (0.3) for every image: an RL step must not move the policy."""
+
+    name, differentiable, has_map = "const", False, False
+
+    def __call__(self, sr, lr=None, hr=None):
+        return RewardOutput(score=torch.full((sr.shape[0],), 0.3))
+
+
+def lora_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the LoRA parameters of a peft-adapted policy (names containing ``.lora_``)."""
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if ".lora_" in k}
+
+
+def base_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the non-LoRA weights under their plain names (peft renames a wrapped ``W``
+    ``base_layer.W``); a Gaussian wrapper's inner network is read."""
+    net = policy.base if isinstance(policy, GaussianPolicy) else policy
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in net.state_dict().items() if ".lora_" not in k}

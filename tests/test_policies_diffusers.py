@@ -32,8 +32,8 @@ from finpercep.rl.common import LORA_INIT_KEY, PairData, RunConfig, run_meta, se
 from finpercep.rl.dpo import DPOConfig
 from finpercep.rl.grpo import GRPOConfig
 from finpercep.runs import read_metrics
-from finpercep.types import AdapterPolicy, RewardOutput, StochasticPolicy
-from rl_helpers import ToyReward, write_pairs
+from finpercep.types import AdapterPolicy, StochasticPolicy
+from rl_helpers import ConstantReward, ToyReward, base_state, lora_state, write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,6 @@ def pairs(tmp_path_factory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
-class ConstantReward(ToyReward):
-    name, differentiable, has_map = "const", False, False
-
-    def __call__(self, sr, lr=None, hr=None):
-        return RewardOutput(score=torch.full((sr.shape[0],), 0.3))
-
 
 def run_cfg(**kw) -> RunConfig:
     base = dict(steps=2, batch=2, crop=32, learning_rate=1e-2, lora_rank=2, sample_every=0, ckpt_every=1,
@@ -64,16 +58,6 @@ def train(algo, policy, reward, pairs, out, cfg, algo_cfg=None, **kw) -> Path:
     algo_cfg = algo_cfg or RLConfig().algo_config(algo)
     meta = run_meta(algo, "diffusers:tiny", reward.name, pairs, cfg)
     return ALGORITHMS[algo](policy, reward, PairData(pairs), out, cfg, algo_cfg, meta=meta, progress=False, **kw)
-
-
-def base_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet and VAE weights under their plain names (peft renames a wrapped ``W`` ``base_layer.W``)."""
-    net = policy.base if isinstance(policy, GaussianPolicy) else policy
-    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in net.state_dict().items() if ".lora_" not in k}
-
-
-def lora_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in policy.named_parameters() if ".lora_" in k}
 
 
 def same(a: dict, b: dict, atol: float = 0.0) -> bool:

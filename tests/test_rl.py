@@ -36,7 +36,7 @@ from finpercep.rl.grpo import GRPOConfig, clipped_objective, kl_k3
 from finpercep.rl.refl import ReFLConfig
 from finpercep.runs import read_metrics
 from finpercep.types import NonFiniteError, RewardOutput, RewardSource, Rollout
-from rl_helpers import ToyReward, flow_policy, tiny_policy, write_pairs
+from rl_helpers import ConstantReward, ToyReward, flow_policy, tiny_policy, write_pairs
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -50,12 +50,6 @@ def pairs(tmp_path_factory) -> Path:
     """Four x4 LR/HR pairs (HR 32x32 crops of real photos), in the FGR manifest format."""
     return write_pairs(tmp_path_factory.mktemp("pairs"))
 
-
-class ConstantReward(ToyReward):
-    name, differentiable, has_map = "const", False, False
-
-    def __call__(self, sr, lr=None, hr=None):
-        return RewardOutput(score=torch.full((sr.shape[0],), 0.3))
 
 
 class NaNReward(ToyReward):
