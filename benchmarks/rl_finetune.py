@@ -23,6 +23,7 @@ The rows in the docs come from (2 CPU cores; see the table's header for what eac
     python benchmarks/rl_finetune.py --name grpo-flow-rmv2cpu-fp16 --algo grpo --policy flow-x4 \\
         --config configs/rl_flow.yaml --train-data runs/fgr-v2-probe --test-data runs/fgr-v2-test --threads 2 \\
         --checkpoint runs/rm-v2-cpu-fp16
+    # seeds 1 and 2 of the first and last v2 rows: the same two commands with --seed S and --name ...-sS
 
 (the first three with one thread each, as they ran side by side with other jobs on the 2 cores; the ReFL run was
 paused for a while, its step times were then recomputed with ``--refresh-times refl-realsr``.
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--train-data", required=True)
     ap.add_argument("--test-data", required=True)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--seed", type=int, default=None, help="run seed (default: the config's)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--crop", type=int, default=None)
@@ -84,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     run = ROOT / "runs" / "bench-rl" / args.name
-    run_over = dict(steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, lora_rank=args.lora_rank,
+    run_over = dict(seed=args.seed, steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, lora_rank=args.lora_rank,
                     sample_every=25, ckpt_every=10)
     group = dict(group_size=args.group_size or None)
     cfg = load_config(RLConfig, args.config, run=run_over, dpo=group, grpo=group)
