@@ -74,3 +74,15 @@ def base_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     ``base_layer.W``); a Gaussian wrapper's inner network is read."""
     net = policy.base if isinstance(policy, GaussianPolicy) else policy
     return {k.replace(".base_layer", ""): v.detach().clone() for k, v in net.state_dict().items() if ".lora_" not in k}
+
+
+def train_rl(algo: str, policy, reward, pairs: Path, out: Path, cfg, algo_cfg=None, *, policy_name: str = "test",
+             **kw) -> Path:
+    """One run of ReFL / DPO / GRPO (``finpercep.rl.ALGORITHMS``) on ``pairs`` into ``out``, quiet, with
+    ``algo_cfg`` or the algorithm's default config; ``policy_name`` is what the run's meta records."""
+    from finpercep.rl import ALGORITHMS, RLConfig
+    from finpercep.rl.common import PairData, run_meta
+
+    algo_cfg = algo_cfg or RLConfig().algo_config(algo)
+    meta = run_meta(algo, policy_name, getattr(reward, "name", "curriculum"), pairs, cfg)
+    return ALGORITHMS[algo](policy, reward, PairData(pairs), out, cfg, algo_cfg, meta=meta, progress=False, **kw)

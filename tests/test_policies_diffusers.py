@@ -27,13 +27,12 @@ from finpercep.policies.diffusion_onestep import (
     load_diffusers_policy,
 )
 from finpercep.policies.gaussian import GaussianPolicy
-from finpercep.rl import ALGORITHMS, RLConfig
-from finpercep.rl.common import LORA_INIT_KEY, PairData, RunConfig, run_meta, seeded_generator
+from finpercep.rl.common import LORA_INIT_KEY, RunConfig, seeded_generator
 from finpercep.rl.dpo import DPOConfig
 from finpercep.rl.grpo import GRPOConfig
 from finpercep.runs import read_metrics
 from finpercep.types import AdapterPolicy, StochasticPolicy
-from rl_helpers import ConstantReward, ToyReward, base_state, lora_state, write_pairs
+from rl_helpers import ConstantReward, ToyReward, base_state, lora_state, train_rl, write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +54,7 @@ def run_cfg(**kw) -> RunConfig:
 
 
 def train(algo, policy, reward, pairs, out, cfg, algo_cfg=None, **kw) -> Path:
-    algo_cfg = algo_cfg or RLConfig().algo_config(algo)
-    meta = run_meta(algo, "diffusers:tiny", reward.name, pairs, cfg)
-    return ALGORITHMS[algo](policy, reward, PairData(pairs), out, cfg, algo_cfg, meta=meta, progress=False, **kw)
+    return train_rl(algo, policy, reward, pairs, out, cfg, algo_cfg, policy_name="diffusers:tiny", **kw)
 
 
 def same(a: dict, b: dict, atol: float = 0.0) -> bool:

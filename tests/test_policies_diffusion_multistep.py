@@ -24,13 +24,12 @@ from finpercep.policies.diffusers_tiny import write_tiny_model
 from finpercep.policies.diffusion_base import policy_kind
 from finpercep.policies.diffusion_multistep import ARCH, MultiStepDiffusionSR, trailing_timesteps
 from finpercep.policies.diffusion_onestep import OneStepDiffusionSR
-from finpercep.rl import ALGORITHMS, RLConfig
-from finpercep.rl.common import LORA_INIT_KEY, PairData, RunConfig, run_meta, seeded_generator
+from finpercep.rl.common import LORA_INIT_KEY, RunConfig, seeded_generator
 from finpercep.rl.dpo import DPOConfig
 from finpercep.rl.grpo import GRPOConfig
 from finpercep.runs import read_metrics
 from finpercep.types import AdapterPolicy, StochasticPolicy, TruncatedBackpropPolicy
-from rl_helpers import ConstantReward, ToyReward, base_state, lora_state, write_pairs
+from rl_helpers import ConstantReward, ToyReward, base_state, lora_state, train_rl, write_pairs
 
 STEPS = 3  # sampler steps in these tests (K)
 
@@ -59,9 +58,7 @@ def run_cfg(**kw) -> RunConfig:
 
 
 def train(algo, policy, reward, pairs, out, cfg, algo_cfg=None, **kw) -> Path:
-    algo_cfg = algo_cfg or RLConfig().algo_config(algo)
-    meta = run_meta(algo, "diffusers:tiny-upscaler", reward.name, pairs, cfg)
-    return ALGORITHMS[algo](policy, reward, PairData(pairs), out, cfg, algo_cfg, meta=meta, progress=False, **kw)
+    return train_rl(algo, policy, reward, pairs, out, cfg, algo_cfg, policy_name="diffusers:tiny-upscaler", **kw)
 
 
 def same(a: dict, b: dict, atol: float = 0.0) -> bool:

@@ -21,7 +21,7 @@ from finpercep.policies import load_policy, save_policy
 from finpercep.policies.flow import FlowConfig, FlowSR
 from finpercep.policies.lora import adapters_disabled, apply_lora, merge_lora
 from finpercep.policies.tiny import TinySR
-from finpercep.rl import ALGORITHMS, RLConfig, fine_tune
+from finpercep.rl import RLConfig, fine_tune
 from finpercep.rl.common import (
     FixedReward,
     PairData,
@@ -29,14 +29,13 @@ from finpercep.rl.common import (
     as_reward_source,
     credit_weight,
     group_advantages,
-    run_meta,
 )
 from finpercep.rl.dpo import DPOConfig, best_and_worst, dpo_loss
 from finpercep.rl.grpo import GRPOConfig, clipped_objective, kl_k3
 from finpercep.rl.refl import ReFLConfig
 from finpercep.runs import read_metrics
 from finpercep.types import NonFiniteError, RewardOutput, RewardSource, Rollout
-from rl_helpers import ConstantReward, ToyReward, flow_policy, tiny_policy, write_pairs
+from rl_helpers import ConstantReward, ToyReward, flow_policy, tiny_policy, train_rl, write_pairs
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -65,10 +64,7 @@ def run_cfg(**kw) -> RunConfig:
     return RunConfig(**base)
 
 
-def train(algo: str, policy, reward, pairs: Path, out: Path, cfg: RunConfig, algo_cfg=None, **kw) -> Path:
-    algo_cfg = algo_cfg or RLConfig().algo_config(algo)
-    meta = run_meta(algo, "test", getattr(reward, "name", "curriculum"), pairs, cfg)
-    return ALGORITHMS[algo](policy, reward, PairData(pairs), out, cfg, algo_cfg, meta=meta, progress=False, **kw)
+train = train_rl  # rl_helpers: one run of an algorithm, quiet, meta naming the policy "test"
 
 
 def params(m: torch.nn.Module) -> dict[str, torch.Tensor]:

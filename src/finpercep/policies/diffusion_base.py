@@ -215,15 +215,7 @@ def read_card(folder: Path) -> dict[str, Any]:
     """``folder/finpercep_policy.json`` as a dict (empty when there is none). Raises ValueError
     when it is not a JSON object."""
     card = folder / POLICY_CARD
-    if not card.is_file():
-        return {}
-    try:
-        data = json.loads(card.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{card}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{card}: expected a JSON object of policy settings")
-    return data
+    return folder_io.read_config(card) if card.is_file() else {}
 
 
 def policy_kind(folder: str | Path) -> str:
