@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finpercep.eval.sr_quality import DIRECTION, evaluate_sr, psnr
+from finpercep.eval.sr_quality import DIRECTION, evaluate_sr, evaluate_sr_per_image, psnr
 from finpercep.policies.flow import FlowConfig, FlowSR
 from finpercep.policies.tiny import TinyConfig, TinySR
 from finpercep.policies.upscale import upscale_tiled
@@ -67,6 +67,12 @@ def test_evaluate_sr_prefers_the_real_image(tmp_path):
     good = evaluate_sr(Oracle(), pairs, [0, 1])
     bad = evaluate_sr(Bicubic(), pairs, [0, 1])
     assert good["images"] == bad["images"] == 2
-    assert set(DIRECTION) <= set(good)
+    assert set(DIRECTION) - {"damage/area", "damage/mean"} <= set(good)
     assert good["psnr"] > 60 and good["ssim"] == pytest.approx(1.0) and good["stlpips"] == pytest.approx(0.0, abs=1e-6)
     assert bad["psnr"] < good["psnr"] and bad["stlpips"] > 0.05
+    # the damage judge: bicubic against the oracle's output is damaged, the oracle against bicubic is not
+    worse = evaluate_sr_per_image(Bicubic(), pairs, [0, 1], reference=Oracle())
+    better = evaluate_sr_per_image(Oracle(), pairs, [0, 1], reference=Bicubic())
+    assert len(worse["damage/area"]) == 2 and min(worse["damage/area"]) > 0.2 and better["damage/area"] == [0.0, 0.0]
+    assert worse["psnr"] == pytest.approx([float(v) for v in psnr(Bicubic()(torch.stack([pairs.pair(i)[0] for i in (0, 1)])),
+                                                                 torch.stack([pairs.pair(i)[1] for i in (0, 1)]))])

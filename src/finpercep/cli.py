@@ -389,14 +389,21 @@ def cmd_experiment_hacking(args: argparse.Namespace) -> int:
     from finpercep.eval.hacking import run_experiment
     from finpercep.rl import RLConfig
 
-    cfg = load_config(RLConfig, args.config, run=dict(steps=args.steps, seed=args.seed))
+    cfg = load_config(RLConfig, args.config, run=dict(steps=args.steps))
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
-    run_experiment(args.algo, args.policy, args.data, args.test_data, args.judge, args.out, cfg, arms=arms,
-                   checkpoint=args.checkpoint, eval_num=args.eval_num, results_dir=args.results, device=args.device,
-                   progress=not args.quiet)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2") from None
+    run_experiment(args.algo, args.policy, args.data, args.test_data, args.out, cfg, judge=args.judge, arms=arms,
+                   seeds=seeds, checkpoint=args.checkpoint, pixel_only_checkpoint=args.pixel_only_checkpoint,
+                   reference_arm=args.reference_arm, eval_num=args.eval_num, results_dir=args.results,
+                   device=args.device, progress=not args.quiet)
     out = Path(args.results or args.out)
     print((out / "hacking.md").read_text())
-    print(f"table: {out / 'hacking.md'}, curves: {out / 'reward_curves.png'}, crops: {out / 'crops.jpg'}")
+    print((out / "claims.md").read_text())
+    print(f"tables: {out / 'hacking.md'}, claims: {out / 'claims.md'}, curves: {out / 'reward_curves.png'}, "
+          f"crops: {out / 'crops.jpg'}")
     return 0
 
 
@@ -578,14 +585,19 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--policy", required=True, help="policy name or checkpoint folder")
         p.add_argument("--data", required=True, help="training data set (finpercep data build)")
         p.add_argument("--test-data", required=True, help="held-out data set (other photos); its LR/HR pairs are evaluated")
-        p.add_argument("--judge", required=True, help="held-out FinPercep-RM (run or checkpoint folder), never a reward")
-        p.add_argument("--out", required=True, help="experiment folder (one RL run per arm); rerun to resume")
+        p.add_argument("--judge", default=None,
+                       help="learned-judge column: a FinPercep-RM run or checkpoint folder (default: the shipped model, "
+                            "i.e. the reward's own); the verdict comes from the independent damage judge")
+        p.add_argument("--out", required=True, help="experiment folder (ARM/seed-S run folders); rerun to resume")
         p.add_argument("--config", default=None, help="YAML RL config (run, refl/dpo/grpo, curriculum sections)")
         p.add_argument("--checkpoint", default=None, help="reward-model run for the rewards (default: the shipped one)")
+        p.add_argument("--pixel-only-checkpoint", default=None,
+                       help="reward-model run trained on pixel-only maps (rm train --pixel-only): adds arm g-pixelmap")
         p.add_argument("--arms", default=None, help="comma-separated arms (default: all that apply to --algo)")
-        p.add_argument("--steps", type=int, default=None, help="steps per arm (overrides the config)")
-        p.add_argument("--seed", type=int, default=None, help="seed (overrides the config)")
-        p.add_argument("--eval-num", type=int, default=16, help="held-out images evaluated (default: %(default)s)")
+        p.add_argument("--reference-arm", default=None, help="arm the paired differences are taken to (default: a-rm0)")
+        p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per arm (default: %(default)s)")
+        p.add_argument("--steps", type=int, default=None, help="steps per run (overrides the config)")
+        p.add_argument("--eval-num", type=int, default=64, help="held-out LR/HR pairs evaluated (default: %(default)s)")
         p.add_argument("--results", default=None,
                        help="folder for the table, figures and results.json (default: --out), e.g. docs/results/hacking/refl")
         p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")

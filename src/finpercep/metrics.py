@@ -305,6 +305,24 @@ def _gaussian_window(size: int, sigma: float, like: torch.Tensor) -> torch.Tenso
     return g / g.sum()
 
 
+def _ssim_terms(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """The SSIM map per channel at the valid positions, ``(B, C, H - window + 1, W - window + 1)``
+    (Wang et al. 2004, Eq. 13: population (co)variances, ``C1 = 0.01^2``, ``C2 = 0.03^2``)."""
+    c1, c2 = 0.01**2, 0.03**2
+    c = x.shape[1]
+    g = _gaussian_window(window, sigma, x)
+    gh, gw = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, valid positions only
+        return F.conv2d(F.conv2d(t, gh, groups=c), gw, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+
+
 def ssim(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -339,20 +357,30 @@ def ssim(
         x, y = ssim_downsample(x, f), ssim_downsample(y, f)
     if min(x.shape[-2:]) < window:
         raise ValueError(f"ssim: images must be at least {window}x{window} (after cropping and downsampling), got {tuple(x.shape[-2:])}")
-    c1, c2 = 0.01**2, 0.03**2
-    c = x.shape[1]
-    g = _gaussian_window(window, sigma, x)
-    gh, gw = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    return _ssim_terms(x, y, window, sigma).mean(dim=(1, 2, 3))
 
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, valid positions only
-        return F.conv2d(F.conv2d(t, gh, groups=c), gw, groups=c)
 
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.mean(dim=(1, 2, 3))
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Local SSIM (Wang et al. 2004, Eq. 13) as a map the size of the images.
+
+    Args:
+        x, y: ``(B, C, H, W)`` in [0, 1], same shape, ``H, W >= window``.
+        window, sigma: the Gaussian weighting window (11 and 1.5 as in the paper).
+
+    Returns:
+        ``(B, 1, H, W)`` in [-1, 1], 1 where the images agree: each channel's SSIM of the window
+        centred on the pixel, averaged over the channels (as :func:`ssim`, whose mean over the
+        valid positions it is; on RGB a colour or saturation change lowers it, on the luma it
+        would not), computed where the window stays inside the image and copied from the nearest
+        such position into the ``window // 2`` pixels at each edge. Raises ``ValueError`` for
+        mismatched or too small images. Differentiable.
+    """
+    _check_pair(x, y, "ssim_map")
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"ssim_map: images must be at least {window}x{window}, got {tuple(x.shape[-2:])}")
+    s = _ssim_terms(x, y, window, sigma).mean(1, keepdim=True)
+    r = window // 2
+    return F.pad(s, (r, window - 1 - r, r, window - 1 - r), mode="replicate")
 
 
 def ssim_y(x: torch.Tensor, y: torch.Tensor, *, crop_border: int = 0, downsample: bool = False) -> torch.Tensor:

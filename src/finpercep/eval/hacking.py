@@ -1,24 +1,33 @@
-"""The paper's reward-hacking experiment (arXiv 2512.22647, Fig. 1: global reward vs CCL).
+"""The paper's reward-hacking experiment (arXiv 2512.22647, Fig. 1: global reward vs CCL), with an
+independent judge, several seeds and bootstrap intervals.
 
-Same policy, same data, same step budget and seed; one arm per reward (:data:`ARMS`):
+Same policy, data and step budget in every arm; one arm per reward (:data:`ARMS`):
 
-- ``a-rm0``: the global-only RM_0;
+- ``a-rm0``: the global-only RM_0 (ReFL also with a weak fidelity term, ``-weakfid``, and none,
+  ``-nofid``: hacking by a global reward shows only when the reward dominates);
 - ``b-niqe``: a classic global NR metric (NIQE; not differentiable, so DPO / GRPO only);
 - ``c-rmN``: the final fused reward ``R_N`` from the first step, no curriculum;
-- ``d-fixed``: the curriculum, fixed schedule;
+- ``d-fixed``: the curriculum, fixed schedule (ReFL also ``-weakfid`` and ``-nofid``);
 - ``e-auto``: the curriculum, automatic switching;
-- ``f-coevolve``: the curriculum with online co-evolution of the reward model.
+- ``f-coevolve``: the curriculum with online co-evolution of the reward model;
+- ``g-pixelmap``: ``R_N`` of a reward model trained on pixel-only ground-truth maps (the paper's
+  ablation; needs ``pixel_only_checkpoint``; compare with ``c-rmN``).
 
-Every arm is evaluated on held-out photos by measures training never optimised
-(:func:`finpercep.eval.sr_quality.evaluate_sr`): PSNR / SSIM / ST-LPIPS against HR, NIQE /
-BRISQUE / PIQE, and a **held-out judge**, a FinPercep-RM trained with another seed on other photos
-and other SR families, never used as a reward (its score, and the share of pixels its map puts
-above :data:`finpercep.eval.sr_quality.MAP_THRESHOLD`). Training stability comes from each
-arm's reward curve (:func:`stability`).
+Each arm trains once per seed. Every run is evaluated on the same held-out LR/HR pairs by
+measures training never optimised (:func:`finpercep.eval.sr_quality.evaluate_sr_per_image`):
+the **independent local-damage judge** (:mod:`finpercep.eval.damage`: the share of pixels whose
+local SSIM to HR fell clearly below the pretrained policy's), PSNR-Y / SSIM-Y / ST-LPIPS, NIQE /
+BRISQUE / PIQE, and a learned judge (a FinPercep-RM; it shares the reward's recipe, so it is one
+more column, not the verdict). Means come with 95 % bootstrap intervals over seeds and images
+(:mod:`finpercep.eval.stats`), and each arm's difference to the reference arm (default ``a-rm0``)
+is paired by seed and image. Training stability comes from each run's reward curve
+(:func:`stability`), with Student's t intervals over seeds. :func:`claims` turns the intervals into the
+verdict on the paper's three claims and its map ablation.
 
-Outputs in ``out/``: one RL run folder per arm, ``results.json``, ``hacking.md`` (the table),
-``reward_curves.png`` (the analogue of Fig. 1b) and ``crops.jpg`` (the same crops across arms with
-the judge's maps, the analogue of Fig. 1c).
+Outputs in ``out/``: one RL run folder per arm and seed (``ARM/seed-S``, each with its
+``eval.json``), ``results.json``, ``hacking.md`` (the tables), ``claims.md``,
+``reward_curves.png`` (the analogue of Fig. 1b) and ``crops.jpg`` (the same crops across arms
+with the damage maps, the analogue of Fig. 1c).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +44,58 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ARMS: dict[str, dict[str, str | None]] = {
-    "a-rm0": {"reward": "rm0", "curriculum": "none", "what": "global RM_0"},
-    "b-niqe": {"reward": "niqe", "curriculum": "none", "what": "classic global NR metric (NIQE)"},
-    "c-rmN": {"reward": "fused", "curriculum": "none", "what": "final fused R_N from the start"},
-    "d-fixed": {"reward": None, "curriculum": "fixed", "what": "curriculum, fixed schedule"},
-    "e-auto": {"reward": None, "curriculum": "auto", "what": "curriculum, automatic switching"},
-    "f-coevolve": {"reward": None, "curriculum": "coevolve", "what": "curriculum + online co-evolution"},
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: the reward (a spec of :func:`finpercep.rewards.create_reward`) with curriculum
+    mode ``none``, or a curriculum mode; for ReFL optionally the fidelity weight scaled."""
+
+    reward: str | None
+    curriculum: str
+    what: str
+    fidelity_scale: float | None = None
+    """ReFL only: ``refl.fidelity_weight`` times this (``None``: the config's)."""
+    pixel_rm: bool = False
+    """Rewards from the pixel-only-map reward model instead of the main one."""
+
+
+ARMS: dict[str, Arm] = {
+    "a-rm0": Arm("rm0", "none", "global RM_0"),
+    "a-rm0-weakfid": Arm("rm0", "none", "global RM_0, fidelity x0.1", fidelity_scale=0.1),
+    "a-rm0-nofid": Arm("rm0", "none", "global RM_0, no fidelity term", fidelity_scale=0.0),
+    "b-niqe": Arm("niqe", "none", "classic global NR metric (NIQE)"),
+    "c-rmN": Arm("fused", "none", "final fused R_N from the start"),
+    "d-fixed": Arm(None, "fixed", "curriculum, fixed schedule"),
+    "d-fixed-weakfid": Arm(None, "fixed", "curriculum, fixed, fidelity x0.1", fidelity_scale=0.1),
+    "d-fixed-nofid": Arm(None, "fixed", "curriculum, fixed, no fidelity term", fidelity_scale=0.0),
+    "e-auto": Arm(None, "auto", "curriculum, automatic switching"),
+    "f-coevolve": Arm(None, "coevolve", "curriculum + online co-evolution"),
+    "g-pixelmap": Arm("fused", "none", "R_N of the pixel-only-map RM from the start", pixel_rm=True),
 }
-"""Arm name -> reward spec (curriculum mode ``none``) or curriculum mode."""
+"""Arm name -> :class:`Arm`."""
 
 WINDOW = 10
 """Sliding window (steps) of the stability measures."""
+
+MEASURES: list[tuple[str, str, str]] = [
+    ("damage/area", "damaged area (independent)", "down"), ("psnr_y", "PSNR-Y", "up"), ("ssim_y", "SSIM-Y", "up"),
+    ("stlpips", "ST-LPIPS", "down"), ("niqe", "NIQE", "down"), ("brisque", "BRISQUE", "down"),
+    ("piqe", "PIQE", "down"), ("rm/score", "learned judge score (same recipe)", "up")]
+"""(key in the per-image evaluation, column title, better direction) of the tables."""
+
+CURVE_MEASURES = [("curve/gain", "reward gain"), ("curve/window_std", "window std"), ("curve/drops", "drops")]
+
+DAMAGE_FLOOR = 0.01
+"""Claim 1 counts the judge's damage as grown when its damaged area is above 1 % of the image
+with the whole interval (and as not grown when the whole interval is below)."""
+
+
+def default_arms(algo: str, pixel_rm: bool = False) -> list[str]:
+    """The arms that apply to ``algo``: the fidelity sweep for ReFL only, NIQE (no gradient) for
+    DPO / GRPO only, ``g-pixelmap`` when a pixel-only-map reward model is given."""
+    return [name for name, a in ARMS.items()
+            if (algo == "refl" or a.fidelity_scale is None) and not (algo == "refl" and name == "b-niqe")
+            and (pixel_rm or not a.pixel_rm)]
 
 
 def stability(rewards: list[float], window: int = WINDOW) -> dict[str, float]:
@@ -82,176 +131,390 @@ def run_experiment(
     policy: str,
     data: str | Path,
     test_data: str | Path,
-    judge: str | Path,
     out: str | Path,
     cfg: Any,
     *,
+    judge: str | Path | None = None,
     arms: list[str] | None = None,
+    seeds: list[int] | tuple[int, ...] = (0, 1, 2),
     checkpoint: str | Path | None = None,
-    eval_num: int = 16,
+    pixel_only_checkpoint: str | Path | None = None,
+    reference_arm: str | None = None,
+    eval_num: int = 64,
     results_dir: str | Path | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the arms (default: all that apply to ``algo``; ``b-niqe`` needs DPO / GRPO) with the
-    RL config ``cfg`` (:class:`finpercep.rl.RLConfig`; its ``curriculum`` section sets the
-    schedule, the mode is set per arm), evaluate each on the first ``eval_num`` pairs of
-    ``test_data`` with the judge (a FinPercep-RM run or checkpoint folder), and write the outputs
-    (module docstring; the table, figures and a copy of ``results.json`` to ``results_dir`` when
-    given, e.g. ``docs/results/...``). Resumable: finished arms are neither trained nor evaluated
-    again, so a rerun with another ``results_dir`` only redraws."""
-    from finpercep.eval.sr_quality import evaluate_sr
+    """Train every arm (default :func:`default_arms`) once per seed in ``seeds`` with the RL config
+    ``cfg`` (:class:`finpercep.rl.RLConfig`; its ``curriculum`` section sets the schedule, the
+    mode and the seed are set per run), evaluate each run on the first ``eval_num`` pairs of
+    ``test_data`` (the learned-judge column by ``judge``, a FinPercep-RM run or checkpoint folder;
+    default the shipped model), summarise with intervals and write the outputs (module
+    docstring; the tables, figures and ``results.json`` also to ``results_dir`` when given, e.g.
+    ``docs/results/hacking/...``). ``checkpoint``: the reward-model run of the rewards (default
+    the shipped one); ``pixel_only_checkpoint``: the one of ``g-pixelmap``. Resumable: a run
+    with an ``eval.json`` is neither trained nor evaluated again, an interrupted one resumes from
+    its last checkpoint.
+
+    Raises ``ValueError`` for an unknown arm, an arm that does not apply to ``algo``, no seeds,
+    or ``g-pixelmap`` without ``pixel_only_checkpoint``."""
+    from finpercep.eval.sr_quality import evaluate_sr_per_image
     from finpercep.policies import load_policy
     from finpercep.reward.api import load_reward
     from finpercep.rl import fine_tune
     from finpercep.rl.common import PairData, is_stochastic
     from finpercep.runs import read_metrics
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = arms or [a for a in ARMS if not (a == "b-niqe" and algo == "refl")]
+    names = arms or default_arms(algo, pixel_only_checkpoint is not None)
     unknown = [a for a in names if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    if algo != "refl" and any(ARMS[a].fidelity_scale is not None for a in names):
+        raise ValueError("the fidelity-sweep arms (-weakfid, -nofid) scale ReFL's fidelity term: run them with --algo refl")
     if algo == "refl" and "b-niqe" in names:
         raise ValueError("arm b-niqe trains on NIQE, which is not differentiable: run it with --algo dpo or grpo")
+    if "g-pixelmap" in names and pixel_only_checkpoint is None:
+        raise ValueError("arm g-pixelmap needs the pixel-only-map reward model (--pixel-only-checkpoint RUN)")
+    if not seeds:
+        raise ValueError("no seeds: give at least one (e.g. 0,1,2)")
+    reference_arm = reference_arm or ("a-rm0" if "a-rm0" in names else names[0])
+    if reference_arm not in names:
+        raise ValueError(f"reference arm {reference_arm!r} is not among the arms {names}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     judge_model = load_reward(judge)
     test = PairData(test_data)
     idx = list(range(min(eval_num, len(test))))
+    if len(idx) < eval_num:
+        log.warning("%s has %d LR/HR pairs, fewer than --eval-num %d: evaluating all of them", test_data, len(idx), eval_num)
     base = load_policy(policy)
     sample = (lambda: torch.Generator().manual_seed(0)) if is_stochastic(base) else (lambda: None)
+
+    def evaluate(pol: torch.nn.Module) -> dict[str, list[float]]:
+        return evaluate_sr_per_image(pol, test, idx, judge=judge_model, reference=base, device=device,
+                                     sample=sample(), progress=progress)
+
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["meta"] = {"algo": algo, "policy": policy, "data": str(data), "test_data": str(test_data),
-                       "judge": str(judge), "eval_images": len(idx), "steps": cfg.run.steps, "batch": cfg.run.batch,
-                       "seed": cfg.run.seed}
-    if "pretrained" not in results:
-        results["pretrained"] = {"eval": evaluate_sr(base, test, idx, judge=judge_model, device=device,
-                                                     sample=sample(), progress=progress)}
-        results_path.write_text(json.dumps(results, indent=1))
+                       "judge": str(judge) if judge else "shipped FinPercep-RM (the reward's own model)",
+                       "checkpoint": str(checkpoint) if checkpoint else "shipped",
+                       "pixel_only_checkpoint": str(pixel_only_checkpoint) if pixel_only_checkpoint else None,
+                       "eval_images": len(idx), "steps": cfg.run.steps, "batch": cfg.run.batch, "seeds": list(seeds),
+                       "fidelity_weight": cfg.refl.fidelity_weight if algo == "refl" else None,
+                       "reference_arm": reference_arm, "arms": names}
+    if results.get("pretrained", {}).get("images") != len(idx):
+        results["pretrained"] = {"images": len(idx), "eval": evaluate(base)}
+        results_path.write_text(json.dumps(results))
+    results.setdefault("arms", {})
     for arm in names:
-        if arm in results and "eval" in results[arm]:
-            continue
         spec = ARMS[arm]
-        arm_cfg = replace(cfg, curriculum=replace(cfg.curriculum, mode=spec["curriculum"]))
-        log.info("arm %s: %s", arm, spec["what"])
-        final = fine_tune(policy, algo, spec["reward"], data, out / arm, arm_cfg, checkpoint=checkpoint,
-                          device=device, progress=progress)
-        ev = evaluate_sr(load_policy(final), test, idx, judge=judge_model, device=device, sample=sample(),
-                         progress=progress)
-        curve = [m["reward/mean"] for m in read_metrics(out / arm)]
-        (out / arm / "eval.json").write_text(json.dumps(ev, indent=1))
-        results[arm] = {"eval": ev, **stability(curve), "what": spec["what"]}
-        results_path.write_text(json.dumps(results, indent=1))
+        entry = results["arms"].setdefault(arm, {"what": spec.what, "seeds": {}})
+        for seed in seeds:
+            run_dir = out / arm / f"seed-{seed}"
+            if (run_dir / "eval.json").exists():
+                entry["seeds"][str(seed)] = json.loads((run_dir / "eval.json").read_text())
+                continue
+            run_cfg = replace(cfg, run=replace(cfg.run, seed=seed),
+                              curriculum=replace(cfg.curriculum, mode=spec.curriculum))
+            if spec.fidelity_scale is not None:
+                run_cfg = replace(run_cfg, refl=replace(cfg.refl, fidelity_weight=cfg.refl.fidelity_weight * spec.fidelity_scale))
+            log.info("arm %s, seed %d: %s", arm, seed, spec.what)
+            final = fine_tune(policy, algo, spec.reward, data, run_dir, run_cfg,
+                              checkpoint=pixel_only_checkpoint if spec.pixel_rm else checkpoint,
+                              device=device, progress=progress)
+            curve = [m["reward/mean"] for m in read_metrics(run_dir)]
+            run = {"eval": evaluate(load_policy(final)), "curve": stability(curve)}
+            (run_dir / "eval.json").write_text(json.dumps(run))
+            entry["seeds"][str(seed)] = run
+            results_path.write_text(json.dumps(results))
+    results["summary"] = summarise(results, names, [str(s) for s in seeds], reference_arm)
+    results_path.write_text(json.dumps(results))
     dest = Path(results_dir) if results_dir is not None else out
     dest.mkdir(parents=True, exist_ok=True)
     if dest != out:
-        (dest / "results.json").write_text(json.dumps(results, indent=1))
+        (dest / "results.json").write_text(json.dumps(results))
     write_table(results, dest / "hacking.md")
-    plot_curves(out, [a for a in names if a in results], dest / "reward_curves.png")
-    crops_figure(out, ["pretrained"] + names, policy, test, judge_model, dest / "crops.jpg", device=device)
+    (dest / "claims.md").write_text(claims(results))
+    plot_curves(out, names, [str(s) for s in seeds], dest / "reward_curves.png")
+    crops_figure(out, names, str(seeds[0]), policy, test, dest / "crops.jpg", device=device)
     return results
 
 
-COLUMNS = [("judge/score", "rm/score", "up"), ("judge/map area", "rm/map_area", "down"), ("psnr", "psnr", "up"),
-           ("ssim", "ssim", "up"), ("stlpips", "stlpips", "down"), ("niqe", "niqe", "down"),
-           ("brisque", "brisque", "down"), ("piqe", "piqe", "down")]
+def _table(results: dict[str, Any], arm: str, seeds: list[str], key: str) -> np.ndarray:
+    """``(S, N)`` values of measure ``key`` of ``arm`` (``S`` seeds x ``N`` images); the
+    pretrained policy repeated over seeds."""
+    if arm == "pretrained":
+        return np.tile(np.asarray(results["pretrained"]["eval"][key], dtype=np.float64), (len(seeds), 1))
+    return np.asarray([results["arms"][arm]["seeds"][s]["eval"][key] for s in seeds], dtype=np.float64)
+
+
+def _interval(values: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float] | None:
+    """The interval of ``values`` (minus ``reference``, paired): bootstrap over seeds and images
+    for ``(S, N)``, Student's t over seeds for ``(S,)`` (one seed: the value itself). ``None``
+    when a value is not finite."""
+    from finpercep.eval.stats import Interval, bootstrap_ci, seed_interval
+
+    v = values if reference is None else values - reference
+    if not np.isfinite(v).all():
+        return None
+    if v.ndim == 1:
+        return (seed_interval(v) if v.size > 1 else Interval(float(v[0]), float(v[0]), float(v[0]))).as_dict()
+    return bootstrap_ci(v).as_dict()
+
+
+def summarise(results: dict[str, Any], arms: list[str], seeds: list[str], reference_arm: str) -> dict[str, Any]:
+    """Per arm (and the pretrained policy): each measure's mean with its 95 % bootstrap interval
+    over seeds and images, its paired difference to ``reference_arm`` and to the pretrained
+    policy, and the reward-curve statistics with t intervals over seeds (:func:`_interval`).
+    ``None`` where a value is not finite."""
+    keys = [k for k, _, _ in MEASURES if k in results["pretrained"]["eval"]]
+    summary: dict[str, Any] = {"pretrained": {k: _interval(_table(results, "pretrained", seeds, k)) for k in keys}}
+    for arm in arms:
+        row: dict[str, Any] = {}
+        for k in keys:
+            v = _table(results, arm, seeds, k)
+            row[k] = _interval(v)
+            row[f"{k} - {reference_arm}"] = _interval(v, _table(results, reference_arm, seeds, k))
+            row[f"{k} - pretrained"] = _interval(v, _table(results, "pretrained", seeds, k))
+        curves = {k: np.asarray([results["arms"][arm]["seeds"][s]["curve"][k] for s in seeds]) for k, _ in CURVE_MEASURES}
+        for k, v in curves.items():
+            row[k] = _interval(v)
+            ref = np.asarray([results["arms"][reference_arm]["seeds"][s]["curve"][k] for s in seeds])
+            row[f"{k} - {reference_arm}"] = _interval(v, ref)
+        summary[arm] = row
+    return summary
+
+
+def _fmt(iv: dict[str, float] | None, digits: int = 3) -> str:
+    if iv is None:
+        return "n/a"
+    return f"{iv['mean']:.{digits}f} [{iv['lo']:.{digits}f}, {iv['hi']:.{digits}f}]"
+
+
+def _digits(key: str) -> int:
+    return 3 if key in ("damage/area", "ssim_y", "stlpips") else 2 if key in ("psnr_y", "niqe", "curve/gain", "curve/window_std") else 1
 
 
 def write_table(results: dict[str, Any], path: Path) -> None:
-    """The arms' table (markdown): held-out evaluation and reward-curve stability."""
-    meta = results["meta"]
-    rows = [k for k in results if k not in ("meta",)]
-    head = ["arm", "reward"] + [f"{c} {'↑' if d == 'up' else '↓'}" for c, _, d in COLUMNS] + ["gain", "window std", "drops"]
-    lines = [f"Algorithm `{meta['algo']}`, policy `{meta['policy']}`, {meta['steps']} steps x batch {meta['batch']}, "
-             f"seed {meta['seed']}; {meta['eval_images']} held-out images; judge `{meta['judge']}`.", "",
+    """The arms' tables (markdown): each measure with its 95 % interval, the paired differences to
+    the reference arm, and the reward-curve statistics."""
+    meta, summary = results["meta"], results["summary"]
+    ref = meta["reference_arm"]
+    keys = [(k, t, d) for k, t, d in MEASURES if k in summary["pretrained"]]
+    head = ["arm", "reward"] + [f"{t} {'↑' if d == 'up' else '↓'}" for _, t, d in keys]
+    fid = f", ReFL fidelity weight {meta['fidelity_weight']}" if meta.get("fidelity_weight") is not None else ""
+    lines = [f"Algorithm `{meta['algo']}`, policy `{meta['policy']}`, {meta['steps']} steps x batch {meta['batch']}{fid}; "
+             f"seeds {', '.join(str(s) for s in meta['seeds'])}; {meta['eval_images']} held-out LR/HR pairs of "
+             f"`{meta['test_data']}`; rewards from the reward model `{meta['checkpoint']}`; learned judge: {meta['judge']}.",
+             "", "Mean over seeds and images with its 95 % bootstrap interval (seeds and images resampled).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for k in rows:
-        r = results[k]
-        ev = r["eval"]
-        cells = [k, r.get("what", "pretrained policy, no fine-tuning")]
-        cells += [f"{ev[key]:.3f}" if key in ev and abs(ev[key]) < 100 else f"{ev.get(key, float('nan')):.1f}" for _, key, _ in COLUMNS]
-        cells += [f"{r[c]:.2f}" if c in r else "-" for c in ("curve/gain", "curve/window_std")]
-        cells += [f"{int(r['curve/drops'])}" if "curve/drops" in r else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "gain, window std: the reward curve's rise (last 10 steps minus first 10) and its mean within-window",
+    rows = [("pretrained", "pretrained policy, no fine-tuning")] + [(a, results["arms"][a]["what"]) for a in meta["arms"]]
+    for arm, what in rows:
+        lines.append("| " + " | ".join([arm, what] + [_fmt(summary[arm][k], _digits(k)) for k, _, _ in keys]) + " |")
+    lines += ["", f"Paired difference to `{ref}` (same seeds and images; an interval that excludes 0 is a difference).", "",
+              "| " + " | ".join(["arm"] + [f"Δ {t}" for _, t, _ in keys]) + " |", "|" + "---|" * (len(keys) + 1)]
+    for arm, _ in rows[1:]:
+        if arm != ref:
+            lines.append("| " + " | ".join([arm] + [_fmt(summary[arm][f"{k} - {ref}"], _digits(k)) for k, _, _ in keys]) + " |")
+    lines += ["", "Reward curves: per run, then the mean over seeds with its Student's t 95 % interval over seeds.", "",
+              "| arm | " + " | ".join(t for _, t in CURVE_MEASURES) + " | " + " | ".join(f"Δ {t} to {ref}" for _, t in CURVE_MEASURES) + " |",
+              "|" + "---|" * (1 + 2 * len(CURVE_MEASURES))]
+    for arm, _ in rows[1:]:
+        cells = [_fmt(summary[arm][k], _digits(k)) for k, _ in CURVE_MEASURES]
+        cells += ["-" if arm == ref else _fmt(summary[arm][f"{k} - {ref}"], _digits(k)) for k, _ in CURVE_MEASURES]
+        lines.append("| " + " | ".join([arm] + cells) + " |")
+    lines += ["", "Damaged area: share of pixels whose local SSIM to HR fell by more than 0.1 below the pretrained",
+              "policy's output on the same LR (`finpercep.eval.damage`; 0 for the pretrained policy itself). Reward",
+              "gain, window std: the reward curve's rise (last 10 steps minus first 10) and its mean within-window",
               "std, both in units of the first 10 steps' std; drops: dips of the moving average by more than that unit",
               "below its running maximum (`finpercep.eval.hacking.stability`)."]
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_curves(out: Path, arms: list[str], path: Path) -> None:
-    """Each arm's reward curve (step mean with a moving average), one panel per arm (the rewards
-    have different scales), curriculum stages shaded."""
+def _verdict(yes: bool, no: bool) -> str:
+    return "reproduced" if yes else "not reproduced" if no else "undecided"
+
+
+def claims(results: dict[str, Any]) -> str:
+    """The paper's claims decided from the intervals (markdown), for the arms that ran:
+
+    1. a global reward raises its own score while the independent judge's damage grows: per
+       ``a-rm0*`` arm, reproduced when its reward gain and its damaged area minus
+       :data:`DAMAGE_FLOOR` both have intervals above 0, not reproduced when either lies below;
+    2. the final fine-grained reward from the start is less stable and ends worse: ``c-rmN``
+       against ``d-fixed``, reproduced when its window std and its damaged area are both higher
+       (paired intervals above 0), not reproduced when either is lower; each part is also
+       stated on its own;
+    3. the curriculum is best on the judge: ``d-fixed`` against every non-curriculum arm at the
+       same fidelity, reproduced when its damaged area is lower than each (paired intervals
+       below 0), not reproduced when it is higher than one;
+    4. the map ablation: ``g-pixelmap`` against ``c-rmN``, reproduced when the pixel-only
+       maps give the larger damaged area.
+    """
+    from finpercep.eval.stats import Interval, bootstrap_ci, paired_difference
+
+    meta = results["meta"]
+    seeds = [str(s) for s in meta["seeds"]]
+    names = meta["arms"]
+    lines = [f"# Claims ({meta['algo']}, `{meta['policy']}`, seeds {', '.join(seeds)}, {meta['eval_images']} images)", ""]
+
+    def area(arm: str) -> np.ndarray:
+        return _table(results, arm, seeds, "damage/area")
+
+    def curve(arm: str, k: str, minus: str | None = None) -> Interval:
+        """t interval over seeds of a curve statistic (of ``arm`` minus ``minus``, paired by seed)."""
+        v = np.asarray([results["arms"][arm]["seeds"][s]["curve"][k] for s in seeds])
+        if minus is not None:
+            v = v - np.asarray([results["arms"][minus]["seeds"][s]["curve"][k] for s in seeds])
+        return Interval(**_interval(v))
+
+    def f(iv: Interval, d: int = 3) -> str:
+        return _fmt(iv.as_dict(), d)
+
+    lines.append("1. A global reward raises its own score while the independent judge's damage grows:")
+    for arm in [a for a in names if a.startswith("a-rm0")]:
+        gain, dmg = curve(arm, "curve/gain"), bootstrap_ci(area(arm))
+        yes = gain.lo > 0 and dmg.lo > DAMAGE_FLOOR
+        no = gain.hi < 0 or dmg.hi < DAMAGE_FLOOR
+        lines.append(f"   - `{arm}` ({ARMS[arm].what}): **{_verdict(yes, no)}**; reward gain {f(gain, 2)}, "
+                     f"damaged area {f(dmg)} (grown means above {DAMAGE_FLOOR}).")
+    if not any(a.startswith("a-rm0") for a in names):
+        lines.append("   - not run (no a-rm0 arm).")
+    lines.append("2. The final fine-grained reward from the start is less stable and ends worse than the curriculum:")
+    if {"c-rmN", "d-fixed"} <= set(names):
+        std = curve("c-rmN", "curve/window_std", minus="d-fixed")
+        drops = curve("c-rmN", "curve/drops", minus="d-fixed")
+        dmg = paired_difference(area("c-rmN"), area("d-fixed"))
+        unstable, worse = _verdict(std.lo > 0, std.hi < 0), _verdict(dmg.lo > 0, dmg.hi < 0)
+        both = _verdict(std.lo > 0 and dmg.lo > 0, std.hi < 0 or dmg.hi < 0)
+        lines.append(f"   - c-rmN minus d-fixed: **{both}**; less stable: {unstable} (window std {f(std, 2)}, "
+                     f"drops {f(drops, 1)}); ends worse: {worse} (damaged area {f(dmg)}).")
+    else:
+        lines.append("   - not run (needs c-rmN and d-fixed).")
+    lines.append("3. The curriculum is best on the independent judge:")
+    for suffix in ("", "-weakfid", "-nofid"):
+        cur = f"d-fixed{suffix}"
+        others = [a for a in names if ARMS[a].curriculum == "none" and ARMS[a].fidelity_scale == ARMS[cur].fidelity_scale
+                  and not ARMS[a].pixel_rm] if cur in names else []
+        if not others:
+            continue
+        diffs = {a: paired_difference(area(cur), area(a)) for a in others}
+        yes = all(d.hi < 0 for d in diffs.values())
+        no = any(d.lo > 0 for d in diffs.values())
+        lines.append(f"   - `{cur}` ({ARMS[cur].what}): **{_verdict(yes, no)}**; damaged area minus " +
+                     ", ".join(f"`{a}` {f(d)}" for a, d in diffs.items()) + ".")
+    if "d-fixed" not in names:
+        lines.append("   - not run (no d-fixed arm).")
+    lines.append("4. Pixel-only ground-truth maps make a worse reward than pixel + feature maps (the paper's ablation):")
+    if {"g-pixelmap", "c-rmN"} <= set(names):
+        dmg = paired_difference(area("g-pixelmap"), area("c-rmN"))
+        psnr = paired_difference(_table(results, "g-pixelmap", seeds, "psnr_y"), _table(results, "c-rmN", seeds, "psnr_y"))
+        lines.append(f"   - g-pixelmap minus c-rmN: **{_verdict(dmg.lo > 0, dmg.hi < 0)}**; damaged area {f(dmg)}, "
+                     f"PSNR-Y {f(psnr, 2)} dB.")
+    else:
+        lines.append("   - not run (needs g-pixelmap and c-rmN).")
+    lines += ["", "Intervals: 95 %, bootstrap over seeds and images for the evaluation measures, Student's t over "
+              "seeds for the reward-curve statistics (`finpercep.eval.stats`); a verdict is 'reproduced' or "
+              "'not reproduced' only when the intervals say so, else 'undecided'."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(out: Path, arms: list[str], seeds: list[str], path: Path) -> None:
+    """Each arm's reward curves (moving average per seed, thin; their mean, bold), one panel per
+    arm (the rewards have different scales), seed ``seeds[0]``'s curriculum stage switches dashed."""
     from finpercep.runs import read_metrics
     from finpercep.viz import pyplot
 
     plt = pyplot()
-
-    arms = [a for a in arms if (out / a / "metrics.jsonl").exists()]
+    arms = [a for a in arms if any((out / a / f"seed-{s}" / "metrics.jsonl").exists() for s in seeds)]
     if not arms:
         return
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 2.8), squeeze=False)
-    for ax, arm in zip(axes[0], arms):
-        ms = read_metrics(out / arm)
-        x = [m["step"] for m in ms]
-        y = np.array([m["reward/mean"] for m in ms])
-        ax.plot(x, y, lw=0.6, color="0.6")
-        if len(y) >= WINDOW:
-            ax.plot(x[WINDOW - 1 :], np.convolve(y, np.ones(WINDOW) / WINDOW, mode="valid"), lw=1.6, color="C0")
-        st = [m.get("curriculum/stage") for m in ms]
-        if any(s is not None and s >= 0 for s in st):
-            for i in range(1, len(st)):
-                if st[i] != st[i - 1]:
-                    ax.axvline(x[i], color="C3", lw=0.8, ls="--")
-                    ax.text(x[i], ax.get_ylim()[1], f"RM_{int(st[i])}", fontsize=7, color="C3", va="top")
-        ax.set_title(f"{arm}: {ARMS[arm]['what']}", fontsize=8)
+    cols = min(len(arms), 4)
+    rows = math.ceil(len(arms) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat[len(arms):]:
+        ax.axis("off")
+    for ax, arm in zip(axes.flat, arms):
+        curves, w = [], WINDOW
+        for s in seeds:
+            if not (out / arm / f"seed-{s}" / "metrics.jsonl").exists():
+                continue
+            ms = read_metrics(out / arm / f"seed-{s}")
+            y = np.array([m["reward/mean"] for m in ms])
+            w = min(WINDOW, len(y))
+            ma = np.convolve(y, np.ones(w) / w, mode="valid")  # the mean of steps i+1 .. i+w, drawn at step i+w
+            ax.plot(np.arange(w, len(y) + 1), ma, lw=0.7, alpha=0.6)
+            curves.append(ma)
+            if s == seeds[0]:
+                st = [m.get("curriculum/stage") for m in ms]
+                for i in range(1, len(st)):
+                    if st[i] is not None and st[i] != st[i - 1]:
+                        ax.axvline(ms[i]["step"], color="C3", lw=0.8, ls="--")
+        n = min(len(c) for c in curves)
+        ax.plot(np.arange(w, w + n), np.mean([c[:n] for c in curves], 0), lw=1.8, color="k")
+        ax.set_title(f"{arm}: {ARMS[arm].what}", fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("training reward (its own scale)", fontsize=8)
+    axes[0][0].set_ylabel(f"training reward, {WINDOW}-step mean", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 @torch.no_grad()
-def crops_figure(out: Path, arms: list[str], policy: str, test: Any, judge: torch.nn.Module, path: Path,
+def crops_figure(out: Path, arms: list[str], seed: str, policy: str, test: Any, path: Path,
                  n: int = 3, crop: int = 96, device: str = "cpu") -> None:
-    """Rows: ``n`` held-out images (a fixed ``crop`` x ``crop`` HR-size window); columns: HR, then
-    each arm's output with the judge's map overlaid (judge score in the label)."""
+    """Columns: HR, the pretrained output, then each arm's output (run ``seed``; the damaged area
+    of the whole image in the label). Per held-out image (``n`` of them, a fixed ``crop`` x
+    ``crop`` HR-size window) two rows: the outputs, and below them the independent damage map
+    (black: as faithful to HR as the pretrained output; hotter: local SSIM fell further, 0.5 and
+    more drawn yellow)."""
     from PIL import Image, ImageDraw
 
+    from finpercep.eval.damage import damaged_area, local_damage_map
     from finpercep.io import to_uint8
     from finpercep.policies import load_policy
     from finpercep.rl.common import is_stochastic
     from finpercep.viz import heatmap_overlay
 
-    cols: list[tuple[str, torch.Tensor]] = []
     pairs = [test.pair(i) for i in range(min(n, len(test)))]
     lr = torch.stack([p[0] for p in pairs]).to(device)
-    hr = torch.stack([p[1] for p in pairs])
-    cols.append(("HR", hr))
+    hr = torch.stack([p[1] for p in pairs]).to(device)
+
+    def upscale(pol: torch.nn.Module) -> torch.Tensor:
+        pol = pol.to(device).eval()
+        g = torch.Generator(device=device).manual_seed(0)
+        return (pol.sample(lr, g).sr if is_stochastic(pol) else pol(lr)).clamp(0, 1)
+
+    def heat(sr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        dmg = local_damage_map(sr, ref, hr).cpu()
+        return torch.stack([heatmap_overlay(torch.zeros_like(sr[i].cpu()), (dmg[i, 0] / 0.5).clamp(0, 1), alpha=1.0)
+                            for i in range(sr.shape[0])])
+
+    ref = upscale(load_policy(policy, device))
+    # (label, outputs (n, 3, H, W), damage maps or None)
+    cols: list[tuple[str, torch.Tensor, torch.Tensor | None]] = [("HR", hr.cpu(), None),
+                                                                  ("pretrained", ref.cpu(), heat(ref, ref))]
     for arm in arms:
-        folder = out / arm / "final"
-        if arm != "pretrained" and not folder.exists():
+        folder = out / arm / f"seed-{seed}" / "final"
+        if not folder.exists():
             continue
-        pol = load_policy(policy if arm == "pretrained" else folder, device)
-        sr = (pol.sample(lr, torch.Generator(device=device).manual_seed(0)).sr if is_stochastic(pol) else pol(lr)).clamp(0, 1)
-        res = judge.to(device)(sr)
-        cells = []
-        for i in range(sr.shape[0]):
-            m = res.map[i, 0] if res.map is not None else torch.zeros(sr.shape[2:])
-            cells.append(heatmap_overlay(sr[i].cpu(), m.cpu().clamp(0, 1)))
-        cols.append((f"{arm}", torch.stack(cells)))
+        sr = upscale(load_policy(folder, device))
+        area = float(damaged_area(local_damage_map(sr, ref, hr)).mean())
+        cols.append((f"{arm} ({area:.2f})", sr.cpu(), heat(sr, ref)))
     h, w = hr.shape[2:]
     y0, x0 = (h - crop) // 2, (w - crop) // 2
     scale, label = 2, 14
     cw = crop * scale
-    sheet = Image.new("RGB", (len(cols) * (cw + 4), label + len(pairs) * (cw + 4)), "white")
+    sheet = Image.new("RGB", (len(cols) * (cw + 4), label + 2 * len(pairs) * (cw + 4)), "white")
     draw = ImageDraw.Draw(sheet)
-    for c, (name, imgs) in enumerate(cols):
+    for c, (name, imgs, maps) in enumerate(cols):
         draw.text((c * (cw + 4) + 2, 1), name, fill="black")
         for r in range(len(pairs)):
-            tile = Image.fromarray(to_uint8(imgs[r][:, y0 : y0 + crop, x0 : x0 + crop])).resize((cw, cw), Image.NEAREST)
-            sheet.paste(tile, (c * (cw + 4), label + r * (cw + 4)))
+            for k, src in enumerate((imgs, maps)):
+                if src is None:
+                    continue
+                tile = Image.fromarray(to_uint8(src[r][:, y0 : y0 + crop, x0 : x0 + crop])).resize((cw, cw), Image.NEAREST)
+                sheet.paste(tile, (c * (cw + 4), label + (2 * r + k) * (cw + 4)))
     sheet.save(path, quality=90)

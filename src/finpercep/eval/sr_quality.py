@@ -28,12 +28,11 @@ MAP_THRESHOLD = 0.5
 DIRECTION: dict[str, str] = {
     "psnr": "up", "ssim": "up", "psnr_y": "up", "ssim_y": "up", "stlpips": "down",
     "niqe": "down", "brisque": "down", "piqe": "down",
-    "rm/score": "up", "rm/map_mean": "down", "rm/map_area": "down",
+    "rm/score": "up", "rm/map_mean": "down", "rm/map_area": "down", "damage/area": "down", "damage/mean": "down",
 }
 """Metric -> ``up`` (higher is better) or ``down``."""
 
 
-@torch.no_grad()
 def evaluate_sr(
     policy: nn.Module,
     pairs: Any,
@@ -49,15 +48,49 @@ def evaluate_sr(
     the outputs against HR (means over images; :data:`DIRECTION`). ``judge``: the FinPercep-RM
     whose score and map are reported (default: the embedded final stage). ``sample``: for a
     stochastic policy, draw one sample per image with this generator instead of the
-    deterministic mean path."""
+    deterministic mean path. The values per image: :func:`evaluate_sr_per_image`."""
+    per = evaluate_sr_per_image(policy, pairs, indices, judge=judge, device=device, batch=batch, sample=sample,
+                                progress=progress)
+    res = {k: float(sum(v) / len(v)) for k, v in per.items()}
+    bad = [k for k, v in res.items() if not math.isfinite(v)]
+    if bad:
+        log.warning("non-finite means for %s (a metric failed on some image)", bad)
+    res["images"] = len(indices)
+    return res
+
+
+@torch.no_grad()
+def evaluate_sr_per_image(
+    policy: nn.Module,
+    pairs: Any,
+    indices: list[int],
+    *,
+    judge: nn.Module | None = None,
+    reference: nn.Module | None = None,
+    device: str = "cpu",
+    batch: int = 4,
+    sample: torch.Generator | None = None,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """:func:`evaluate_sr`'s measures, one value per image (in the order of ``indices``).
+
+    ``reference``: a policy whose output on the same LR (the same sampling noise for a
+    stochastic one) is the baseline of the independent local-damage judge
+    (:mod:`finpercep.eval.damage`): adds ``damage/area`` (share of pixels clearly less faithful
+    to HR than the reference's) and ``damage/mean`` (mean of the map). Raises ``ValueError`` for
+    an empty ``indices``."""
     from finpercep.baselines import STLPIPS, brisque, niqe, piqe
+    from finpercep.eval.damage import damaged_area, local_damage_map
     from finpercep.reward.api import load_reward
 
+    if not indices:
+        raise ValueError("evaluate_sr: no images to evaluate (indices is empty)")
     judge = (judge or load_reward()).to(device).eval()
     lpips = STLPIPS("alex").to(device).eval()
     policy = policy.to(device).eval()
-    sums: dict[str, float] = {}
-    n = 0
+    if reference is not None:
+        reference = reference.to(device).eval()
+    vals: dict[str, list[float]] = {}
     it = range(0, len(indices), batch)
     if progress:
         from tqdm import tqdm
@@ -65,22 +98,25 @@ def evaluate_sr(
         it = tqdm(it, desc=f"eval {getattr(policy, 'name', '')}", unit="batch")
     for a in it:
         lr, hr = (torch.stack(t).to(device) for t in zip(*(pairs.pair(i) for i in indices[a : a + batch])))
+        noise = sample.get_state() if sample is not None else None
         sr = (policy.sample(lr, sample).sr if sample is not None else policy(lr)).clamp(0, 1)
         out = judge(sr)
         border = hr.shape[-1] // lr.shape[-1]  # SR papers crop the scale factor at each edge
-        vals = {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "psnr_y": psnr_y(sr, hr, crop_border=border),
-                "ssim_y": ssim_y(sr, hr, crop_border=border), "stlpips": lpips(sr, hr),
-                "niqe": niqe(sr.cpu()), "brisque": brisque(sr.cpu()), "piqe": piqe(sr.cpu()),
-                "rm/score": out.score.float()}
+        v = {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "psnr_y": psnr_y(sr, hr, crop_border=border),
+             "ssim_y": ssim_y(sr, hr, crop_border=border), "stlpips": lpips(sr, hr),
+             "niqe": niqe(sr.cpu()), "brisque": brisque(sr.cpu()), "piqe": piqe(sr.cpu()),
+             "rm/score": out.score.float()}
         if out.map is not None:
-            vals["rm/map_mean"] = out.map.flatten(1).mean(1)
-            vals["rm/map_area"] = (out.map > MAP_THRESHOLD).float().flatten(1).mean(1)
-        for k, v in vals.items():
-            sums[k] = sums.get(k, 0.0) + float(v.double().cpu().sum())
-        n += lr.shape[0]
-    res = {k: v / n for k, v in sums.items()}
-    bad = [k for k, v in res.items() if not math.isfinite(v)]
-    if bad:
-        log.warning("non-finite means for %s (a metric failed on some image)", bad)
-    res["images"] = n
-    return res
+            v["rm/map_mean"] = out.map.flatten(1).mean(1)
+            v["rm/map_area"] = (out.map > MAP_THRESHOLD).float().flatten(1).mean(1)
+        if reference is not None:
+            if noise is not None:  # the reference draws the same noise as the policy did
+                ref = reference.sample(lr, torch.Generator(device=sample.device).set_state(noise)).sr.clamp(0, 1)
+            else:
+                ref = reference(lr).clamp(0, 1)
+            damage = local_damage_map(sr, ref, hr)
+            v["damage/area"] = damaged_area(damage)
+            v["damage/mean"] = damage.flatten(1).mean(1)
+        for k, t in v.items():
+            vals.setdefault(k, []).extend(float(x) for x in t.double().cpu().reshape(-1))
+    return vals
