@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,12 @@ def test_tiny_experiment_end_to_end(pairs96, tmp_path, tiny_rm_run):
     assert again["arms"] == res["arms"]
     assert {p.name for p in (tmp_path / "docs").iterdir()} == {"results.json", "hacking.md", "claims.md",
                                                               "reward_curves.png", "crops.jpg"}
+    # other evaluation settings: evaluated again, not trained again; other training settings: an error
+    fewer = run_experiment("refl", str(pol), pairs96, pairs96, out, cfg, **{**kw, "eval_num": 1})
+    assert (out / "a-rm0" / "seed-0" / "metrics.jsonl").stat().st_mtime == mtime
+    assert len(fewer["arms"]["d-fixed"]["seeds"]["1"]["eval"]["psnr_y"]) == 1 and fewer["meta"]["eval_images"] == 1
+    with pytest.raises(ValueError, match="other settings|differ"):
+        run_experiment("refl", str(pol), pairs96, pairs96, out, replace(cfg, run=replace(cfg.run, learning_rate=5e-4)), **kw)
 
 
 @pytest.mark.parametrize("algo, arms, kw, words", [
@@ -90,6 +97,7 @@ def test_tiny_experiment_end_to_end(pairs96, tmp_path, tiny_rm_run):
     ("refl", ["g-pixelmap"], {}, "needs the pixel-only-map reward model"),
     ("refl", ["z-arm"], {}, "unknown arms"),
     ("refl", ["a-rm0"], {"seeds": []}, "no seeds"),
+    ("refl", ["a-rm0"], {"seeds": [0, 0]}, "repeat a seed"),
     ("refl", ["a-rm0"], {"reference_arm": "c-rmN"}, "is not among the arms"),
 ])
 def test_bad_arms_are_one_clear_error_before_any_work(algo, arms, kw, words, tmp_path):
@@ -134,3 +142,25 @@ def test_claims_follow_the_intervals():
     flat = _fake_results({a: 0.1 for a in arms}, {a: 1.0 for a in arms}, {a: 1.0 for a in arms})
     text = claims(flat)
     assert "c-rmN minus d-fixed: **undecided**" in text and "`d-fixed` (curriculum, fixed schedule): **undecided**" in text
+
+
+def test_claims_need_two_seeds_and_finite_values():
+    arms = ["a-rm0", "c-rmN", "d-fixed"]
+    res = _fake_results({"a-rm0": 0.3, "c-rmN": 0.2, "d-fixed": 0.01}, {a: 5.0 for a in arms}, {a: 1.0 for a in arms})
+    one = {**res, "meta": {**res["meta"], "seeds": [0]}}
+    assert claims(one).count("**undecided (one seed)**") == 3
+    res["arms"]["c-rmN"]["seeds"]["1"]["eval"]["damage/area"][3] = float("nan")
+    text = claims(res)
+    assert "c-rmN minus d-fixed: **undecided (a value is not finite)**" in text and "damaged area n/a" in text
+
+
+def test_stability_restarts_at_a_stage_switch():
+    # a steady curve on stage 0 (a wiggle of period 10 the moving average removes), then the reward
+    # drops by 10 because stage 2 scores lower, steady again
+    r = list(np.r_[np.full(30, 5.0), np.full(30, -5.0)] + np.sin(np.arange(60) * 2 * np.pi / 10))
+    stages = [0] * 30 + [2] * 30
+    plain, staged = stability(r), stability(r, stages=stages)
+    assert plain["curve/drops"] == 1 and staged["curve/drops"] == 0
+    assert staged["curve/window_std"] < plain["curve/window_std"]
+    with pytest.raises(ValueError, match="stages for"):
+        stability(r, stages=stages[:-1])

@@ -76,3 +76,25 @@ def test_evaluate_sr_prefers_the_real_image(tmp_path):
     assert len(worse["damage/area"]) == 2 and min(worse["damage/area"]) > 0.2 and better["damage/area"] == [0.0, 0.0]
     assert worse["psnr"] == pytest.approx([float(v) for v in psnr(Bicubic()(torch.stack([pairs.pair(i)[0] for i in (0, 1)])),
                                                                  torch.stack([pairs.pair(i)[1] for i in (0, 1)]))])
+
+
+def test_a_stochastic_policy_is_its_own_zero_damage_reference(tmp_path):
+    """The reference draws the same noise as the policy did: a sampled policy judged against
+    itself has no damage, and the draw is reproducible from the generator."""
+    import skimage.data as sd
+
+    from rl_helpers import flow_policy
+
+    (tmp_path / "s").mkdir()
+    hr = Image.fromarray(sd.astronaut()[:96, :192])  # NIQE needs two 96-px blocks
+    hr.save(tmp_path / "s" / "0_hr.png")
+    hr.resize((48, 24), Image.BICUBIC).save(tmp_path / "s" / "0_lr.png")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "0", "hr": "s/0_hr.png", "lr": "s/0_lr.png"}) + "\n")
+    pairs = PairData(tmp_path)
+    torch.manual_seed(0)
+    flow = flow_policy()
+    a = evaluate_sr_per_image(flow, pairs, [0], reference=flow, sample=torch.Generator().manual_seed(0))
+    b = evaluate_sr_per_image(flow, pairs, [0], reference=flow, sample=torch.Generator().manual_seed(0))
+    assert a["damage/area"] == [0.0] and a["damage/mean"] == [0.0] and a == b
+    c = evaluate_sr_per_image(flow, pairs, [0], sample=torch.Generator().manual_seed(1))
+    assert c["psnr"] != a["psnr"]  # another draw

@@ -594,7 +594,7 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--pixel-only-checkpoint", default=None,
                        help="reward-model run trained on pixel-only maps (rm train --pixel-only): adds arm g-pixelmap")
         p.add_argument("--arms", default=None, help="comma-separated arms (default: all that apply to --algo)")
-        p.add_argument("--reference-arm", default=None, help="arm the paired differences are taken to (default: a-rm0)")
+        p.add_argument("--reference-arm", default=None, help="arm the paired differences are taken to (default: a-rm0, else the first arm)")
         p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per arm (default: %(default)s)")
         p.add_argument("--steps", type=int, default=None, help="steps per run (overrides the config)")
         p.add_argument("--eval-num", type=int, default=64, help="held-out LR/HR pairs evaluated (default: %(default)s)")

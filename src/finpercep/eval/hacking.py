@@ -1,5 +1,5 @@
 """The paper's reward-hacking experiment (arXiv 2512.22647, Fig. 1: global reward vs CCL), with an
-independent judge, several seeds and bootstrap intervals.
+independent judge, several seeds and confidence intervals.
 
 Same policy, data and step budget in every arm; one arm per reward (:data:`ARMS`):
 
@@ -18,11 +18,12 @@ measures training never optimised (:func:`finpercep.eval.sr_quality.evaluate_sr_
 the **independent local-damage judge** (:mod:`finpercep.eval.damage`: the share of pixels whose
 local SSIM to HR fell clearly below the pretrained policy's), PSNR-Y / SSIM-Y / ST-LPIPS, NIQE /
 BRISQUE / PIQE, and a learned judge (a FinPercep-RM; it shares the reward's recipe, so it is one
-more column, not the verdict). Means come with 95 % bootstrap intervals over seeds and images
-(:mod:`finpercep.eval.stats`), and each arm's difference to the reference arm (default ``a-rm0``)
-is paired by seed and image. Training stability comes from each run's reward curve
-(:func:`stability`), with Student's t intervals over seeds. :func:`claims` turns the intervals into the
-verdict on the paper's three claims and its map ablation.
+more column, not the verdict). Means come with 95 % intervals over seeds and images
+(:mod:`finpercep.eval.stats`: Student's t over seeds and a bootstrap over images, added), and
+each arm's difference to the reference arm (default ``a-rm0``) is paired by seed and image.
+Training stability comes from each run's reward curve (:func:`stability`), with Student's t
+intervals over seeds. :func:`claims` turns the intervals into the verdict on the paper's three
+claims and its map ablation.
 
 Outputs in ``out/``: one RL run folder per arm and seed (``ARM/seed-S``, each with its
 ``eval.json``), ``results.json``, ``hacking.md`` (the tables), ``claims.md``,
@@ -37,10 +38,13 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from finpercep.eval.damage import DAMAGE_THRESHOLD
+from finpercep.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ def default_arms(algo: str, pixel_rm: bool = False) -> list[str]:
             and (pixel_rm or not a.pixel_rm)]
 
 
-def stability(rewards: list[float], window: int = WINDOW) -> dict[str, float]:
+def stability(rewards: list[float], window: int = WINDOW, stages: list[int | None] | None = None) -> dict[str, float]:
     """Stability of a reward curve ``r_1 .. r_T`` (step means).
 
     - ``curve/last``: mean of the last ``window`` steps;
@@ -107,23 +111,35 @@ def stability(rewards: list[float], window: int = WINDOW) -> dict[str, float]:
     - ``curve/window_std``: mean over windows of the within-window std, in the same units;
     - ``curve/drops``: how many times the moving average falls by more than one first-window std
       below its running maximum (counting entries into such a dip, not steps spent in it).
+
+    ``stages``: the curriculum stage of each step (``curriculum/stage``). A stage switch changes
+    the reward itself, so windows that straddle one are left out of ``window_std`` and the
+    running maximum of ``drops`` restarts at it. ``window`` shrinks to ``T // 2`` for short curves.
     """
     r = np.asarray(rewards, dtype=np.float64)
     if r.size < 2 * window:
         window = max(1, r.size // 2)
     first = r[:window]
     unit = float(first.std()) or 1.0
-    ma = np.convolve(r, np.ones(window) / window, mode="valid")
-    stds = [float(r[i : i + window].std()) for i in range(0, r.size - window + 1)]
-    drops, down = 0, False
-    peak = -math.inf
-    for v in ma:
-        peak = max(peak, v)
-        below = v < peak - unit
-        drops += int(below and not down)
-        down = below
+    st = list(stages) if stages is not None else [None] * r.size
+    if len(st) != r.size:
+        raise ValueError(f"stability: {len(st)} stages for {r.size} rewards")
+    # segments of constant stage: [start, end)
+    cuts = [0] + [i for i in range(1, r.size) if st[i] != st[i - 1]] + [r.size]
+    stds, drops = [], 0
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        seg = r[a:b]
+        stds += [float(seg[i : i + window].std()) for i in range(0, seg.size - window + 1)]
+        if seg.size < window:
+            continue
+        peak, down = -math.inf, False
+        for v in np.convolve(seg, np.ones(window) / window, mode="valid"):
+            peak = max(peak, v)
+            below = v < peak - unit
+            drops += int(below and not down)
+            down = below
     return {"curve/last": float(r[-window:].mean()), "curve/gain": float((r[-window:].mean() - first.mean()) / unit),
-            "curve/window_std": float(np.mean(stds) / unit), "curve/drops": float(drops)}
+            "curve/window_std": float(np.mean(stds) / unit) if stds else float("nan"), "curve/drops": float(drops)}
 
 
 def run_experiment(
@@ -150,14 +166,16 @@ def run_experiment(
     mode and the seed are set per run), evaluate each run on the first ``eval_num`` pairs of
     ``test_data`` (the learned-judge column by ``judge``, a FinPercep-RM run or checkpoint folder;
     default the shipped model), summarise with intervals and write the outputs (module
-    docstring; the tables, figures and ``results.json`` also to ``results_dir`` when given, e.g.
-    ``docs/results/hacking/...``). ``checkpoint``: the reward-model run of the rewards (default
+    docstring; the tables, ``claims.md`` and the figures go to ``results_dir`` instead when given,
+    e.g. ``docs/results/hacking/...``, with a copy of ``results.json``). ``checkpoint``: the reward-model run of the rewards (default
     the shipped one); ``pixel_only_checkpoint``: the one of ``g-pixelmap``. Resumable: a run
     with an ``eval.json`` is neither trained nor evaluated again, an interrupted one resumes from
-    its last checkpoint.
+    its last checkpoint; a run whose evaluation settings (policy, test data, number of images,
+    judge) changed is evaluated again, one whose training settings changed is an error of
+    :func:`finpercep.rl.fine_tune`.
 
-    Raises ``ValueError`` for an unknown arm, an arm that does not apply to ``algo``, no seeds,
-    or ``g-pixelmap`` without ``pixel_only_checkpoint``."""
+    Raises ``ValueError`` for an unknown arm, an arm that does not apply to ``algo``, no or
+    repeated seeds, or ``g-pixelmap`` without ``pixel_only_checkpoint``."""
     from finpercep.eval.sr_quality import evaluate_sr_per_image
     from finpercep.policies import load_policy
     from finpercep.reward.api import load_reward
@@ -180,65 +198,91 @@ def run_experiment(
     reference_arm = reference_arm or ("a-rm0" if "a-rm0" in names else names[0])
     if reference_arm not in names:
         raise ValueError(f"reference arm {reference_arm!r} is not among the arms {names}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {list(seeds)} repeat a seed: each seed is one training run")
     judge_model = load_reward(judge)
     test = PairData(test_data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     idx = list(range(min(eval_num, len(test))))
     if len(idx) < eval_num:
         log.warning("%s has %d LR/HR pairs, fewer than --eval-num %d: evaluating all of them", test_data, len(idx), eval_num)
     base = load_policy(policy)
-    sample = (lambda: torch.Generator().manual_seed(0)) if is_stochastic(base) else (lambda: None)
+    stochastic = is_stochastic(base)
+    # what an evaluation depends on: a saved one is reused only when all of it matches
+    evaluated_on = {"policy": str(policy), "test_data": str(test_data), "images": len(idx),
+                    "judge": str(judge) if judge else None}
 
     def evaluate(pol: torch.nn.Module) -> dict[str, list[float]]:
+        # a stochastic policy draws one sample per image; the same noise for every arm and the reference
+        sample = torch.Generator(device=device).manual_seed(0) if stochastic else None
         return evaluate_sr_per_image(pol, test, idx, judge=judge_model, reference=base, device=device,
-                                     sample=sample(), progress=progress)
+                                     sample=sample, progress=progress)
 
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results["meta"] = {"algo": algo, "policy": policy, "data": str(data), "test_data": str(test_data),
+    results["meta"] = {"algo": algo, "policy": str(policy), "data": str(data), "test_data": str(test_data),
                        "judge": str(judge) if judge else "shipped FinPercep-RM (the reward's own model)",
                        "checkpoint": str(checkpoint) if checkpoint else "shipped",
                        "pixel_only_checkpoint": str(pixel_only_checkpoint) if pixel_only_checkpoint else None,
                        "eval_images": len(idx), "steps": cfg.run.steps, "batch": cfg.run.batch, "seeds": list(seeds),
                        "fidelity_weight": cfg.refl.fidelity_weight if algo == "refl" else None,
                        "reference_arm": reference_arm, "arms": names}
-    if results.get("pretrained", {}).get("images") != len(idx):
-        results["pretrained"] = {"images": len(idx), "eval": evaluate(base)}
-        results_path.write_text(json.dumps(results))
-    results.setdefault("arms", {})
+    if results.get("pretrained", {}).get("evaluated_on") != evaluated_on:
+        results["pretrained"] = {"evaluated_on": evaluated_on, "eval": evaluate(base)}
+        _write_json(results_path, results)
+    results["arms"] = {}
     for arm in names:
         spec = ARMS[arm]
-        entry = results["arms"].setdefault(arm, {"what": spec.what, "seeds": {}})
+        entry = results["arms"][arm] = {"what": spec.what, "seeds": {}}
         for seed in seeds:
             run_dir = out / arm / f"seed-{seed}"
-            if (run_dir / "eval.json").exists():
-                entry["seeds"][str(seed)] = json.loads((run_dir / "eval.json").read_text())
-                continue
             run_cfg = replace(cfg, run=replace(cfg.run, seed=seed),
                               curriculum=replace(cfg.curriculum, mode=spec.curriculum))
             if spec.fidelity_scale is not None:
                 run_cfg = replace(run_cfg, refl=replace(cfg.refl, fidelity_weight=cfg.refl.fidelity_weight * spec.fidelity_scale))
-            log.info("arm %s, seed %d: %s", arm, seed, spec.what)
-            final = fine_tune(policy, algo, spec.reward, data, run_dir, run_cfg,
-                              checkpoint=pixel_only_checkpoint if spec.pixel_rm else checkpoint,
-                              device=device, progress=progress)
-            curve = [m["reward/mean"] for m in read_metrics(run_dir)]
-            run = {"eval": evaluate(load_policy(final)), "curve": stability(curve)}
-            (run_dir / "eval.json").write_text(json.dumps(run))
-            entry["seeds"][str(seed)] = run
-            results_path.write_text(json.dumps(results))
+            saved = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+            trained = (run_dir / "final").is_dir() and _trained_as(run_dir, algo, policy, spec.reward, data, run_cfg)
+            if saved.get("evaluated_on") != evaluated_on or not trained:
+                log.info("arm %s, seed %d: %s", arm, seed, spec.what)
+                # trains or resumes; a run folder of other settings is an error there
+                final = run_dir / "final" if trained else fine_tune(
+                    policy, algo, spec.reward, data, run_dir, run_cfg,
+                    checkpoint=pixel_only_checkpoint if spec.pixel_rm else checkpoint, device=device, progress=progress)
+                saved = {"evaluated_on": evaluated_on, "eval": evaluate(load_policy(final))}
+                _write_json(run_dir / "eval.json", saved)
+            ms = read_metrics(run_dir)
+            curve = stability([m["reward/mean"] for m in ms], stages=[m.get("curriculum/stage") for m in ms])
+            entry["seeds"][str(seed)] = {"eval": saved["eval"], "curve": curve}
+        _write_json(results_path, results)
     results["summary"] = summarise(results, names, [str(s) for s in seeds], reference_arm)
-    results_path.write_text(json.dumps(results))
+    _write_json(results_path, results)
     dest = Path(results_dir) if results_dir is not None else out
     dest.mkdir(parents=True, exist_ok=True)
     if dest != out:
-        (dest / "results.json").write_text(json.dumps(results))
+        _write_json(dest / "results.json", results)
     write_table(results, dest / "hacking.md")
-    (dest / "claims.md").write_text(claims(results))
+    atomic_write_bytes(dest / "claims.md", claims(results).encode())
     plot_curves(out, names, [str(s) for s in seeds], dest / "reward_curves.png")
     crops_figure(out, names, str(seeds[0]), policy, test, dest / "crops.jpg", device=device)
     return results
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Compact JSON, written atomically (``eval.json`` is the resume marker of a run)."""
+    atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _trained_as(run_dir: Path, algo: str, policy: str, reward: str | None, data: str | Path, cfg: Any) -> bool:
+    """Whether the run folder's ``run_config.json`` records these training settings."""
+    from finpercep.config import to_dict
+
+    path = run_dir / "run_config.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    return (saved.get("algo"), saved.get("policy"), saved.get("reward"), saved.get("data")) == (
+        algo, str(policy), reward, str(data)) and saved.get("config") == json.loads(json.dumps(to_dict(cfg)))
 
 
 def _table(results: dict[str, Any], arm: str, seeds: list[str], key: str) -> np.ndarray:
@@ -250,22 +294,20 @@ def _table(results: dict[str, Any], arm: str, seeds: list[str], key: str) -> np.
 
 
 def _interval(values: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float] | None:
-    """The interval of ``values`` (minus ``reference``, paired): bootstrap over seeds and images
-    for ``(S, N)``, Student's t over seeds for ``(S,)`` (one seed: the value itself). ``None``
-    when a value is not finite."""
-    from finpercep.eval.stats import Interval, bootstrap_ci, seed_interval
+    """The interval of ``values`` (minus ``reference``, paired) by
+    :func:`finpercep.eval.stats.mean_interval`: ``(S, N)`` seeds x images, or ``(S,)`` one value
+    per seed. ``None`` when a value is not finite."""
+    from finpercep.eval.stats import mean_interval
 
     v = values if reference is None else values - reference
     if not np.isfinite(v).all():
         return None
-    if v.ndim == 1:
-        return (seed_interval(v) if v.size > 1 else Interval(float(v[0]), float(v[0]), float(v[0]))).as_dict()
-    return bootstrap_ci(v).as_dict()
+    return mean_interval(v).as_dict()
 
 
 def summarise(results: dict[str, Any], arms: list[str], seeds: list[str], reference_arm: str) -> dict[str, Any]:
-    """Per arm (and the pretrained policy): each measure's mean with its 95 % bootstrap interval
-    over seeds and images, its paired difference to ``reference_arm`` and to the pretrained
+    """Per arm (and the pretrained policy): each measure's mean with its 95 % interval over
+    seeds and images, its paired difference to ``reference_arm`` and to the pretrained
     policy, and the reward-curve statistics with t intervals over seeds (:func:`_interval`).
     ``None`` where a value is not finite."""
     keys = [k for k, _, _ in MEASURES if k in results["pretrained"]["eval"]]
@@ -307,7 +349,8 @@ def write_table(results: dict[str, Any], path: Path) -> None:
     lines = [f"Algorithm `{meta['algo']}`, policy `{meta['policy']}`, {meta['steps']} steps x batch {meta['batch']}{fid}; "
              f"seeds {', '.join(str(s) for s in meta['seeds'])}; {meta['eval_images']} held-out LR/HR pairs of "
              f"`{meta['test_data']}`; rewards from the reward model `{meta['checkpoint']}`; learned judge: {meta['judge']}.",
-             "", "Mean over seeds and images with its 95 % bootstrap interval (seeds and images resampled).", "",
+             "", "Mean over seeds and images with its 95 % interval (seeds: Student's t; images: bootstrap; added in "
+             "quadrature, `finpercep.eval.stats`).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [("pretrained", "pretrained policy, no fine-tuning")] + [(a, results["arms"][a]["what"]) for a in meta["arms"]]
     for arm, what in rows:
@@ -324,16 +367,13 @@ def write_table(results: dict[str, Any], path: Path) -> None:
         cells = [_fmt(summary[arm][k], _digits(k)) for k, _ in CURVE_MEASURES]
         cells += ["-" if arm == ref else _fmt(summary[arm][f"{k} - {ref}"], _digits(k)) for k, _ in CURVE_MEASURES]
         lines.append("| " + " | ".join([arm] + cells) + " |")
-    lines += ["", "Damaged area: share of pixels whose local SSIM to HR fell by more than 0.1 below the pretrained",
-              "policy's output on the same LR (`finpercep.eval.damage`; 0 for the pretrained policy itself). Reward",
-              "gain, window std: the reward curve's rise (last 10 steps minus first 10) and its mean within-window",
-              "std, both in units of the first 10 steps' std; drops: dips of the moving average by more than that unit",
-              "below its running maximum (`finpercep.eval.hacking.stability`)."]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _verdict(yes: bool, no: bool) -> str:
-    return "reproduced" if yes else "not reproduced" if no else "undecided"
+    lines += ["", f"Damaged area: share of pixels whose local SSIM to HR fell by more than {DAMAGE_THRESHOLD} below the "
+              "pretrained policy's output on the same LR (`finpercep.eval.damage`; 0 for the pretrained policy itself). "
+              f"Reward gain, window std: the reward curve's rise (last {WINDOW} steps minus first {WINDOW}) and its mean "
+              f"within-window std, both in units of the first {WINDOW} steps' std; drops: dips of the moving average by "
+              "more than that unit below its running maximum; windows across a curriculum stage switch are left out "
+              "and the maximum restarts there (`finpercep.eval.hacking.stability`)."]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def claims(results: dict[str, Any]) -> str:
@@ -352,42 +392,49 @@ def claims(results: dict[str, Any]) -> str:
     4. the map ablation: ``g-pixelmap`` against ``c-rmN``, reproduced when the pixel-only
        maps give the larger damaged area.
     """
-    from finpercep.eval.stats import Interval, bootstrap_ci, paired_difference
+    from finpercep.eval.stats import Interval
 
     meta = results["meta"]
     seeds = [str(s) for s in meta["seeds"]]
     names = meta["arms"]
     lines = [f"# Claims ({meta['algo']}, `{meta['policy']}`, seeds {', '.join(seeds)}, {meta['eval_images']} images)", ""]
 
+    def iv(values: np.ndarray, minus: np.ndarray | None = None) -> Interval | None:
+        d = _interval(values, minus)
+        return Interval(**d) if d is not None else None
+
     def area(arm: str) -> np.ndarray:
         return _table(results, arm, seeds, "damage/area")
 
-    def curve(arm: str, k: str, minus: str | None = None) -> Interval:
-        """t interval over seeds of a curve statistic (of ``arm`` minus ``minus``, paired by seed)."""
-        v = np.asarray([results["arms"][arm]["seeds"][s]["curve"][k] for s in seeds])
-        if minus is not None:
-            v = v - np.asarray([results["arms"][minus]["seeds"][s]["curve"][k] for s in seeds])
-        return Interval(**_interval(v))
+    def curve(arm: str, k: str) -> np.ndarray:
+        return np.asarray([results["arms"][arm]["seeds"][s]["curve"][k] for s in seeds])
 
-    def f(iv: Interval, d: int = 3) -> str:
-        return _fmt(iv.as_dict(), d)
+    def verdict(ivs: list[Interval | None], yes: Callable[..., bool], no: Callable[..., bool]) -> str:
+        if any(i is None for i in ivs):
+            return "undecided (a value is not finite)"
+        if len(seeds) < 2:
+            return "undecided (one seed)"
+        return "reproduced" if yes(*ivs) else "not reproduced" if no(*ivs) else "undecided"
+
+    def f(i: Interval | None, d: int = 3) -> str:
+        return _fmt(i.as_dict() if i is not None else None, d)
 
     lines.append("1. A global reward raises its own score while the independent judge's damage grows:")
     for arm in [a for a in names if a.startswith("a-rm0")]:
-        gain, dmg = curve(arm, "curve/gain"), bootstrap_ci(area(arm))
-        yes = gain.lo > 0 and dmg.lo > DAMAGE_FLOOR
-        no = gain.hi < 0 or dmg.hi < DAMAGE_FLOOR
-        lines.append(f"   - `{arm}` ({ARMS[arm].what}): **{_verdict(yes, no)}**; reward gain {f(gain, 2)}, "
+        gain, dmg = iv(curve(arm, "curve/gain")), iv(area(arm))
+        v = verdict([gain, dmg], lambda g, d: g.lo > 0 and d.lo > DAMAGE_FLOOR, lambda g, d: g.hi < 0 or d.hi < DAMAGE_FLOOR)
+        lines.append(f"   - `{arm}` ({ARMS[arm].what}): **{v}**; reward gain {f(gain, 2)}, "
                      f"damaged area {f(dmg)} (grown means above {DAMAGE_FLOOR}).")
     if not any(a.startswith("a-rm0") for a in names):
         lines.append("   - not run (no a-rm0 arm).")
     lines.append("2. The final fine-grained reward from the start is less stable and ends worse than the curriculum:")
     if {"c-rmN", "d-fixed"} <= set(names):
-        std = curve("c-rmN", "curve/window_std", minus="d-fixed")
-        drops = curve("c-rmN", "curve/drops", minus="d-fixed")
-        dmg = paired_difference(area("c-rmN"), area("d-fixed"))
-        unstable, worse = _verdict(std.lo > 0, std.hi < 0), _verdict(dmg.lo > 0, dmg.hi < 0)
-        both = _verdict(std.lo > 0 and dmg.lo > 0, std.hi < 0 or dmg.hi < 0)
+        std = iv(curve("c-rmN", "curve/window_std"), curve("d-fixed", "curve/window_std"))
+        drops = iv(curve("c-rmN", "curve/drops"), curve("d-fixed", "curve/drops"))
+        dmg = iv(area("c-rmN"), area("d-fixed"))
+        both = verdict([std, dmg], lambda a, b: a.lo > 0 and b.lo > 0, lambda a, b: a.hi < 0 or b.hi < 0)
+        unstable = verdict([std], lambda a: a.lo > 0, lambda a: a.hi < 0)
+        worse = verdict([dmg], lambda a: a.lo > 0, lambda a: a.hi < 0)
         lines.append(f"   - c-rmN minus d-fixed: **{both}**; less stable: {unstable} (window std {f(std, 2)}, "
                      f"drops {f(drops, 1)}); ends worse: {worse} (damaged area {f(dmg)}).")
     else:
@@ -395,28 +442,30 @@ def claims(results: dict[str, Any]) -> str:
     lines.append("3. The curriculum is best on the independent judge:")
     for suffix in ("", "-weakfid", "-nofid"):
         cur = f"d-fixed{suffix}"
-        others = [a for a in names if ARMS[a].curriculum == "none" and ARMS[a].fidelity_scale == ARMS[cur].fidelity_scale
-                  and not ARMS[a].pixel_rm] if cur in names else []
-        if not others:
+        if cur not in names:
             continue
-        diffs = {a: paired_difference(area(cur), area(a)) for a in others}
-        yes = all(d.hi < 0 for d in diffs.values())
-        no = any(d.lo > 0 for d in diffs.values())
-        lines.append(f"   - `{cur}` ({ARMS[cur].what}): **{_verdict(yes, no)}**; damaged area minus " +
+        others = [a for a in names if ARMS[a].curriculum == "none" and ARMS[a].fidelity_scale == ARMS[cur].fidelity_scale
+                  and not ARMS[a].pixel_rm]
+        if not others:
+            lines.append(f"   - `{cur}`: not run (no arm without a curriculum at its fidelity weight).")
+            continue
+        diffs = {a: iv(area(cur), area(a)) for a in others}
+        v = verdict(list(diffs.values()), lambda *ds: all(d.hi < 0 for d in ds), lambda *ds: any(d.lo > 0 for d in ds))
+        lines.append(f"   - `{cur}` ({ARMS[cur].what}): **{v}**; damaged area minus " +
                      ", ".join(f"`{a}` {f(d)}" for a, d in diffs.items()) + ".")
-    if "d-fixed" not in names:
+    if not any(a.startswith("d-fixed") for a in names):
         lines.append("   - not run (no d-fixed arm).")
     lines.append("4. Pixel-only ground-truth maps make a worse reward than pixel + feature maps (the paper's ablation):")
     if {"g-pixelmap", "c-rmN"} <= set(names):
-        dmg = paired_difference(area("g-pixelmap"), area("c-rmN"))
-        psnr = paired_difference(_table(results, "g-pixelmap", seeds, "psnr_y"), _table(results, "c-rmN", seeds, "psnr_y"))
-        lines.append(f"   - g-pixelmap minus c-rmN: **{_verdict(dmg.lo > 0, dmg.hi < 0)}**; damaged area {f(dmg)}, "
-                     f"PSNR-Y {f(psnr, 2)} dB.")
+        dmg = iv(area("g-pixelmap"), area("c-rmN"))
+        psnr = iv(_table(results, "g-pixelmap", seeds, "psnr_y"), _table(results, "c-rmN", seeds, "psnr_y"))
+        v = verdict([dmg], lambda d: d.lo > 0, lambda d: d.hi < 0)
+        lines.append(f"   - g-pixelmap minus c-rmN: **{v}**; damaged area {f(dmg)}, PSNR-Y {f(psnr, 2)} dB.")
     else:
         lines.append("   - not run (needs g-pixelmap and c-rmN).")
-    lines += ["", "Intervals: 95 %, bootstrap over seeds and images for the evaluation measures, Student's t over "
-              "seeds for the reward-curve statistics (`finpercep.eval.stats`); a verdict is 'reproduced' or "
-              "'not reproduced' only when the intervals say so, else 'undecided'."]
+    lines += ["", "Intervals: 95 %; evaluation measures over seeds (Student's t) and images (bootstrap) added in "
+              "quadrature, reward-curve statistics over seeds (Student's t) (`finpercep.eval.stats`). A verdict is "
+              "'reproduced' or 'not reproduced' only when the intervals say so, else 'undecided'."]
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,8 @@ DIRECTION: dict[str, str] = {
     "niqe": "down", "brisque": "down", "piqe": "down",
     "rm/score": "up", "rm/map_mean": "down", "rm/map_area": "down", "damage/area": "down", "damage/mean": "down",
 }
-"""Metric -> ``up`` (higher is better) or ``down``."""
+"""Metric -> ``up`` (higher is better) or ``down``. ``damage/*`` only come from
+:func:`evaluate_sr_per_image` with a ``reference``."""
 
 
 def evaluate_sr(

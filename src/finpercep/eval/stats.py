@@ -1,15 +1,21 @@
-"""Bootstrap confidence intervals for the hacking experiment: means over seeds and images.
+"""Confidence intervals for the hacking experiment: means over training seeds and evaluation images.
 
-An arm of the experiment gives one value per (seed, evaluation image): a ``(S, N)`` array. Its
-mean's interval comes from a two-way bootstrap that resamples the seeds and the images
-independently (both are random draws: training runs and photos), so the interval covers the
-spread between training runs as well as between images. Arms share seeds and images, so the
-difference of two arms is taken per (seed, image) first and bootstrapped the same way
-(:func:`paired_difference`). Percentile intervals (Efron and Tibshirani 1993, ch. 13).
+An arm of the experiment gives one value per (seed, evaluation image): a ``(S, N)`` array. Both
+are random draws (training runs, photos), so the interval of its mean must cover the spread between
+runs as well as between images. With the few seeds CPU budgets allow (3), a bootstrap that
+resamples the seeds is far too narrow (3 values have 10 distinct resamples and their spread is
+underestimated by ``(S - 1) / S``), so
+:func:`mean_interval` adds the two parts of the variance instead:
 
-A statistic with one value per seed (a reward curve's stability) has only a handful of values,
-too few for a percentile bootstrap (with 3 values it covers far less than its level), so its
-interval is Student's t (:func:`seed_interval`).
+- the **seed** part, Student's t over the per-seed means (``S - 1`` degrees of freedom);
+- the **image** part, a percentile bootstrap over the per-image means (averaged over seeds;
+  :func:`bootstrap_ci`, Efron and Tibshirani 1993, ch. 13);
+
+and takes ``mean -+ sqrt(seed half-width^2 + image half-width^2)`` on each side. The per-seed
+means also carry image noise, so the sum errs wide. Arms share seeds and images, so the
+difference of two arms is taken per (seed, image) first (:func:`paired_difference`). A statistic
+with one value per seed (a reward curve's stability) gets the t interval alone
+(:func:`seed_interval`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ N_BOOT = 10_000
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean and its bootstrap confidence interval ``[lo, hi]`` at ``level``."""
+    """A mean and its confidence interval ``[lo, hi]`` at ``level``."""
 
     mean: float
     lo: float
@@ -39,41 +45,28 @@ class Interval:
         return asdict(self)
 
 
-def bootstrap_ci(values: np.ndarray | list, *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> Interval:
-    """Mean of ``values`` and its percentile bootstrap interval.
-
-    Args:
-        values: ``(S, N)`` (seeds x images: seeds and images resampled independently, the same
-            image draw for every seed) or ``(S,)`` (one value per seed: seeds resampled).
-        level: coverage of the interval, in (0, 1).
-        n_boot: resamples. seed: of the resampling, so an interval is reproducible.
-
-    Returns:
-        :class:`Interval`; with a single seed and a single image, ``lo == hi == mean``.
-
-    Raises:
-        ValueError: for an empty array, more than 2 dimensions, a non-finite value or a level
-            outside (0, 1).
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim == 1:
-        v = v[:, None]
-    if v.ndim != 2 or v.size == 0:
-        raise ValueError(f"bootstrap_ci: values must be (seeds,) or (seeds, images) and non-empty, got shape {v.shape}")
+def _check(v: np.ndarray, who: str, level: float) -> None:
+    if v.size == 0:
+        raise ValueError(f"{who}: values must be non-empty, got shape {v.shape}")
     if not np.isfinite(v).all():
-        raise ValueError("bootstrap_ci: values must be finite")
+        raise ValueError(f"{who}: values must be finite")
     if not 0 < level < 1:
-        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
-    s, n = v.shape
-    rng = np.random.default_rng(seed)
-    # a resample draws S seeds and N images with replacement: as counts, (n_boot, S) and (n_boot, N);
-    # its mean over the crossed (seed, image) table is cs @ v @ cn / (S N)
-    cs = rng.multinomial(s, np.full(s, 1 / s), size=n_boot)
-    cn = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)
-    means = np.einsum("bs,sn,bn->b", cs, v, cn) / (s * n)
+        raise ValueError(f"{who}: level must be in (0, 1), got {level}")
+
+
+def bootstrap_ci(values: np.ndarray | list, *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> Interval:
+    """Mean of ``values`` ``(N,)`` and its percentile bootstrap interval (the values resampled
+    with replacement ``n_boot`` times; ``seed`` makes it reproducible). One value: ``lo == hi``.
+    Raises ``ValueError`` for an empty or non-1-D array, a non-finite value or a level outside (0, 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"bootstrap_ci: values must be (images,), got shape {v.shape}")
+    _check(v, "bootstrap_ci", level)
+    counts = np.random.default_rng(seed).multinomial(v.size, np.full(v.size, 1 / v.size), size=n_boot)
+    means = counts @ v / v.size
     a = (1 - level) / 2
     lo, hi = np.quantile(means, [a, 1 - a])
-    return Interval(float(v.mean()), float(lo), float(hi), level)
+    return Interval(float(v.mean()), float(min(lo, v.mean())), float(max(hi, v.mean())), level)
 
 
 def seed_interval(values: np.ndarray | list, *, level: float = 0.95) -> Interval:
@@ -90,19 +83,40 @@ def seed_interval(values: np.ndarray | list, *, level: float = 0.95) -> Interval
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 2:
         raise ValueError(f"seed_interval: needs (seeds,) with at least 2 seeds, got shape {v.shape}")
-    if not np.isfinite(v).all():
-        raise ValueError("seed_interval: values must be finite")
-    if not 0 < level < 1:
-        raise ValueError(f"seed_interval: level must be in (0, 1), got {level}")
+    _check(v, "seed_interval", level)
     half = float(t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
     return Interval(float(v.mean()), float(v.mean()) - half, float(v.mean()) + half, level)
 
 
+def mean_interval(values: np.ndarray | list, *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0) -> Interval:
+    """Mean of a ``(S, N)`` table (seeds x images) with the interval of the module docstring:
+    the t half-width over the ``S`` per-seed means (0 for one seed, which then covers the images
+    only) and the bootstrap half-widths over the ``N`` per-image means, added in quadrature.
+    ``(S,)`` (one value per seed) gives :func:`seed_interval`. Raises ``ValueError`` for an empty
+    array, more than 2 dimensions, a non-finite value or a level outside (0, 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1 and v.size != 1:
+        return seed_interval(v, level=level)
+    if v.ndim == 1:
+        _check(v, "mean_interval", level)
+        return Interval(float(v[0]), float(v[0]), float(v[0]), level)
+    if v.ndim != 2:
+        raise ValueError(f"mean_interval: values must be (seeds,) or (seeds, images), got shape {v.shape}")
+    _check(v, "mean_interval", level)
+    m = float(v.mean())
+    seeds = seed_interval(v.mean(1), level=level) if v.shape[0] > 1 else Interval(m, m, m, level)
+    images = bootstrap_ci(v.mean(0), level=level, n_boot=n_boot, seed=seed)
+    hs = seeds.hi - m
+    lo = m - float(np.hypot(hs, m - images.lo))
+    hi = m + float(np.hypot(hs, images.hi - m))
+    return Interval(m, lo, hi, level)
+
+
 def paired_difference(a: np.ndarray | list, b: np.ndarray | list, **kwargs) -> Interval:
     """Interval of ``mean(a - b)`` for arms measured on the same seeds and images: ``a`` and
-    ``b`` of one shape ``(S, N)`` or ``(S,)``, differenced per entry, then :func:`bootstrap_ci`.
+    ``b`` of one shape ``(S, N)`` or ``(S,)``, differenced per entry, then :func:`mean_interval`.
     Raises ``ValueError`` for different shapes."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired_difference: the arms must share seeds and images, got shapes {a.shape} and {b.shape}")
-    return bootstrap_ci(a - b, **kwargs)
+    return mean_interval(a - b, **kwargs)
