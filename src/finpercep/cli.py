@@ -440,7 +440,8 @@ COMMANDS: dict[tuple[str, str], tuple[Callable[[argparse.Namespace], int], str]]
     ("rl", "train"): (cmd_rl_train, "fine-tune an SR policy against a reward with ReFL, DPO or GRPO"),
     ("rl", "rewards"): (cmd_rl_rewards, "list the rewards a --reward spec can name"),
     ("experiment", "hacking"): (cmd_experiment_hacking,
-                                "the reward-hacking experiment: one arm per reward (RM_0, NIQE, RM_N, curricula), same budget"),
+                                "the reward-hacking experiment: one arm per reward (RM_0, NIQE, RM_N, curricula) and seed, "
+                                "judged by local damage against HR, claims decided from 95 % intervals"),
     ("report", ""): (cmd_report, "write a self-contained HTML report of one or more RL runs"),
 }
 
@@ -599,7 +600,8 @@ def _add_options(key: tuple[str, str], p: argparse.ArgumentParser) -> None:
         p.add_argument("--steps", type=int, default=None, help="steps per run (overrides the config)")
         p.add_argument("--eval-num", type=int, default=64, help="held-out LR/HR pairs evaluated (default: %(default)s)")
         p.add_argument("--results", default=None,
-                       help="folder for the table, figures and results.json (default: --out), e.g. docs/results/hacking/refl")
+                       help="folder for the tables, claims.md, figures and a copy of results.json (default: --out), "
+                            "e.g. docs/results/hacking/refl-tiny")
         p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: %(default)s)")
     elif key == ("report", ""):
         p.add_argument("runs", nargs="+", help="RL run folders (finpercep rl train --out RUN)")
