@@ -167,11 +167,11 @@ def run_experiment(
     mode and the seed are set per run), evaluate each run on the first ``eval_num`` pairs of
     ``test_data`` (the learned-judge column by ``judge``, a FinPercep-RM run or checkpoint folder;
     default the shipped model), summarise with intervals and write the outputs (module
-    docstring; the tables, ``claims.md`` and the figures go to ``results_dir`` instead when given,
-    e.g. ``docs/results/hacking/...``, with a copy of ``results.json``). ``checkpoint``: the reward-model run of the rewards (default
-    the shipped one); ``pixel_only_checkpoint``: the one of ``g-pixelmap``. Resumable: a run
-    with an ``eval.json`` is neither trained nor evaluated again, an interrupted one resumes from
-    its last checkpoint; a run whose evaluation settings (policy, test data, number of images,
+    docstring; the tables, ``claims.md`` and the figures go to ``results_dir`` instead when
+    given, e.g. ``docs/results/hacking/...``, with a copy of ``results.json``). ``checkpoint``:
+    the reward-model run of the rewards (default the shipped one); ``pixel_only_checkpoint``: the
+    one of ``g-pixelmap``. Resumable: a run with an ``eval.json`` is neither trained nor
+    evaluated again, an interrupted one resumes from its last checkpoint; a run whose evaluation settings (policy, test data, number of images,
     judge) changed is evaluated again, one whose training settings changed is an error of
     :func:`finpercep.rl.fine_tune`.
 
