@@ -205,7 +205,7 @@ def test_errors_name_the_problem(tmp_path, two_runs):
     with pytest.raises(ValueError, match="is a folder"):
         render_report(two_runs, tmp_path)
     (two_runs[1] / "eval.json").write_text("{not json")
-    with pytest.raises(ValueError, match="eval.json is not valid JSON"):
+    with pytest.raises(ValueError, match="eval.json: not valid JSON"):
         render_report(two_runs, tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
 

@@ -366,6 +366,19 @@ def save_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json_object(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """The JSON object in the file ``path``. Raises ``ValueError`` in one line naming the file
+    (followed by ``hint``, e.g. what to do) when it is not valid JSON or not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}{hint}")
+    return data
+
+
 def safe_relpath(root: Path, rel: str) -> Path:
     """Resolve a path read from a manifest, refusing absolute paths and ``..`` escapes."""
     p = Path(rel)

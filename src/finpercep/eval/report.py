@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from finpercep.checks import require
-from finpercep.io import atomic_write_bytes
+from finpercep.io import atomic_write_bytes, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def load_run(path: str | Path) -> RunView:
     if not (root / "metrics.jsonl").is_file() and not (root / "run_config.json").is_file():
         raise ValueError(f"{root} is not a run folder: it has neither metrics.jsonl nor run_config.json "
                          "(give the folder passed as --out to `finpercep rl train`)")
-    meta = _read_json_object(root / "run_config.json") if (root / "run_config.json").is_file() else {}
+    meta = read_json_object(root / "run_config.json", "; fix or remove it") if (root / "run_config.json").is_file() else {}
     metrics, bad = [], 0
     if (root / "metrics.jsonl").is_file():
         for line in (root / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
@@ -133,7 +133,7 @@ def load_run(path: str | Path) -> RunView:
             if m and p.is_file():
                 samples.append((int(m.group(1)), p))
     samples.sort()
-    ev = _read_json_object(root / "eval.json") if (root / "eval.json").is_file() else None
+    ev = read_json_object(root / "eval.json", "; fix or remove it") if (root / "eval.json").is_file() else None
     return RunView(root, meta, metrics, bad, samples, ev)
 
 
@@ -479,13 +479,3 @@ def _names(views: list[RunView]) -> list[str]:
     names = [v.path.resolve().name or str(v.path) for v in views]
     dup = {n for n in names if names.count(n) > 1}
     return ["/".join(v.path.resolve().parts[-2:]) if n in dup else n for v, n in zip(views, names)]
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
-    return obj

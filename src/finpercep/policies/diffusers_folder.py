@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from finpercep.checks import require
+from finpercep.io import read_json_object
 
 EXTRA = "diffusers"
 """The ``pip install 'finpercep[diffusers]'`` extra."""
@@ -77,22 +78,10 @@ def check_model_folder(folder: str | Path) -> Path:
             raise FileNotFoundError(f"diffusers model folder {folder}: no text conditioning: {PROMPT_EMBEDS} is missing "
                                     f"and so is {' and '.join(m + '/' for m in missing)}")
     for part, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
-        read_config(folder / part / name)
+        read_json_object(folder / part / name)
     for part in ("unet", "vae"):
         check_safetensors(folder / part / WEIGHTS)
     return folder
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """The JSON object in the config file ``path``. Raises ValueError in one line naming the file
-    when it is not valid JSON or not an object (diffusers' own message would not name it)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings, got {type(data).__name__}")
-    return data
 
 
 def check_safetensors(path: Path) -> None:
@@ -140,7 +129,7 @@ def load_schedule(folder: Path, part: str = "scheduler") -> NoiseSchedule:
     keys (``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
     ``trained_betas``, ``prediction_type``, ``clip_sample``, ``clip_sample_range``). Raises ValueError
 naming ``scheduler_config.json`` when it is not a JSON object."""
-    read_config(folder / part / "scheduler_config.json")  # a one-line error naming the file, not diffusers'
+    read_json_object(folder / part / "scheduler_config.json")  # a one-line error naming the file, not diffusers'
     d = diffusers()
     sched = d.DDPMScheduler.from_config(d.DDPMScheduler.load_config(folder / part, local_files_only=True))
     c = sched.config

@@ -38,6 +38,7 @@ from torch import nn
 
 from finpercep.checks import require
 from finpercep.config import from_dict, to_dict
+from finpercep.io import read_json_object
 from finpercep.policies import diffusers_folder as folder_io
 
 PREFIX = "diffusers:"
@@ -215,7 +216,7 @@ def read_card(folder: Path) -> dict[str, Any]:
     """``folder/finpercep_policy.json`` as a dict (empty when there is none). Raises ValueError
     when it is not a JSON object."""
     card = folder / POLICY_CARD
-    return folder_io.read_config(card) if card.is_file() else {}
+    return read_json_object(card) if card.is_file() else {}
 
 
 def policy_kind(folder: str | Path) -> str:
@@ -229,8 +230,8 @@ def policy_kind(folder: str | Path) -> str:
             raise ValueError(f"{folder / POLICY_CARD}: policy must be one of {list(KINDS)}, got {kind!r}")
         return kind
     folder_io.check_model_folder(folder)
-    unet = folder_io.read_config(folder / "unet" / "config.json")
-    vae = folder_io.read_config(folder / "vae" / "config.json")
+    unet = read_json_object(folder / "unet" / "config.json")
+    vae = read_json_object(folder / "vae" / "config.json")
     c_in, c_lat = int(unet.get("in_channels", 4)), int(vae.get("latent_channels", 4))
     if c_in == c_lat:
         return "onestep"
