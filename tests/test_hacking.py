@@ -72,7 +72,8 @@ def test_tiny_experiment_end_to_end(pairs96, tmp_path, tiny_rm_run):
     assert res["summary"]["a-rm0"]["damage/area - a-rm0"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "level": 0.95}
     table = (out / "hacking.md").read_text()
     assert "| a-rm0 | global RM_0 |" in table and "| d-fixed |" in table and "| pretrained |" in table
-    assert "Paired difference to `a-rm0`" in table
+    assert "Paired difference to `a-rm0`" in table and "s/step (median of each run)" in table
+    assert res["summary"]["d-fixed"]["time/step"]["mean"] > 0 and res["meta"]["eval_photos"] is None  # no photo names
     claims_text = (out / "claims.md").read_text()
     assert "`a-rm0-nofid` (global RM_0, no fidelity term): **" in claims_text and "not run (needs c-rmN" in claims_text
     assert (out / "reward_curves.png").stat().st_size > 1000 and (out / "crops.jpg").stat().st_size > 1000

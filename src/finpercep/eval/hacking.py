@@ -230,7 +230,7 @@ def run_experiment(
                        "judge": str(judge) if judge else "shipped FinPercep-RM (the reward's own model)",
                        "checkpoint": str(checkpoint) if checkpoint else "shipped",
                        "pixel_only_checkpoint": str(pixel_only_checkpoint) if pixel_only_checkpoint else None,
-                       "eval_images": len(idx), "steps": cfg.run.steps, "batch": cfg.run.batch, "seeds": list(seeds),
+                       "eval_images": len(idx), "eval_photos": _photos(test, idx), "steps": cfg.run.steps, "batch": cfg.run.batch, "seeds": list(seeds),
                        "fidelity_weight": cfg.refl.fidelity_weight if algo == "refl" else None,
                        "reference_arm": reference_arm, "arms": names}
     if results.get("pretrained", {}).get("evaluated_on") != evaluated_on:
@@ -258,7 +258,9 @@ def run_experiment(
                 _write_json(run_dir / "eval.json", saved)
             ms = read_metrics(run_dir)
             curve = stability([m["reward/mean"] for m in ms], stages=[m.get("curriculum/stage") for m in ms])
-            entry["seeds"][str(seed)] = {"eval": saved["eval"], "curve": curve}
+            times = [m["time/step"] for m in ms if "time/step" in m]
+            entry["seeds"][str(seed)] = {"eval": saved["eval"], "curve": curve,
+                                         "time/step": float(np.median(times)) if times else None}
         _write_json(results_path, results)
     results["summary"] = summarise(results, names, [str(s) for s in seeds], reference_arm)
     _write_json(results_path, results)
@@ -286,6 +288,12 @@ class _Memo(torch.nn.Module):
         if key not in self.outputs:
             self.outputs[key] = self.policy(lr)
         return self.outputs[key]
+
+
+def _photos(test: Any, idx: list[int]) -> int | None:
+    """How many distinct photos the evaluated pairs come from (``None`` when the records do not say)."""
+    photos = [test.dataset.records[i].get("photo") for i in idx]
+    return len(set(photos)) if all(photos) else None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -344,6 +352,8 @@ def summarise(results: dict[str, Any], arms: list[str], seeds: list[str], refere
             row[k] = _interval(v)
             ref = np.asarray([results["arms"][reference_arm]["seeds"][s]["curve"][k] for s in seeds])
             row[f"{k} - {reference_arm}"] = _interval(v, ref)
+        times = [results["arms"][arm]["seeds"][s].get("time/step") for s in seeds]
+        row["time/step"] = _interval(np.asarray(times, dtype=np.float64)) if None not in times else None
         summary[arm] = row
     return summary
 
@@ -367,7 +377,8 @@ def write_table(results: dict[str, Any], path: Path) -> None:
     head = ["arm", "reward"] + [f"{t} {'↑' if d == 'up' else '↓'}" for _, t, d in keys]
     fid = f", ReFL fidelity weight {meta['fidelity_weight']}" if meta.get("fidelity_weight") is not None else ""
     lines = [f"Algorithm `{meta['algo']}`, policy `{meta['policy']}`, {meta['steps']} steps x batch {meta['batch']}{fid}; "
-             f"seeds {', '.join(str(s) for s in meta['seeds'])}; {meta['eval_images']} held-out LR/HR pairs of "
+             f"seeds {', '.join(str(s) for s in meta['seeds'])}; {meta['eval_images']} held-out LR/HR pairs"
+             + (f" from {meta['eval_photos']} photos" if meta.get("eval_photos") else "") + " of "
              f"`{meta['test_data']}`; rewards from the reward model `{meta['checkpoint']}`; learned judge: {meta['judge']}.",
              "", "Mean over seeds and images with its 95 % interval (seeds: Student's t; images: bootstrap; added in "
              "quadrature, `finpercep.eval.stats`).", "",
@@ -381,11 +392,12 @@ def write_table(results: dict[str, Any], path: Path) -> None:
         if arm != ref:
             lines.append("| " + " | ".join([arm] + [_fmt(summary[arm][f"{k} - {ref}"], _digits(k)) for k, _, _ in keys]) + " |")
     lines += ["", "Reward curves: per run, then the mean over seeds with its Student's t 95 % interval over seeds.", "",
-              "| arm | " + " | ".join(t for _, t in CURVE_MEASURES) + " | " + " | ".join(f"Δ {t} to {ref}" for _, t in CURVE_MEASURES) + " |",
-              "|" + "---|" * (1 + 2 * len(CURVE_MEASURES))]
+              "| arm | " + " | ".join(t for _, t in CURVE_MEASURES) + " | " + " | ".join(f"Δ {t} to {ref}" for _, t in CURVE_MEASURES)
+              + " | s/step (median of each run) |", "|" + "---|" * (2 + 2 * len(CURVE_MEASURES))]
     for arm, _ in rows[1:]:
         cells = [_fmt(summary[arm][k], _digits(k)) for k, _ in CURVE_MEASURES]
         cells += ["-" if arm == ref else _fmt(summary[arm][f"{k} - {ref}"], _digits(k)) for k, _ in CURVE_MEASURES]
+        cells += [_fmt(summary[arm].get("time/step"), 2)]
         lines.append("| " + " | ".join([arm] + cells) + " |")
     lines += ["", f"Damaged area: share of pixels whose local SSIM to HR fell by more than {DAMAGE_THRESHOLD} below the "
               "pretrained policy's output on the same LR (`finpercep.eval.damage`; 0 for the pretrained policy itself). "
